@@ -1,0 +1,91 @@
+//! yamux session settings.
+
+use std::time::Duration;
+
+/// Settings of one yamux session, for either role.
+///
+/// The defaults are chosen for gRPC over loopback and LAN links and to stay
+/// interoperable with Gitaly's Go peers (hashicorp/yamux):
+///
+/// | field | server default | client default | why |
+/// |---|---|---|---|
+/// | `max_stream_window` | 4 MiB | 4 MiB | a 256 KiB window caps a stream at 256 KiB per round trip; 4 MiB keeps loopback streams at full speed while bounding what one stalled stream can buffer (Gitaly's server uses 16 MiB and saw memory balloon) |
+/// | `accept_backlog` | 1 | 256 | the server accepts exactly one client stream; the client accepts one stream per reverse connection |
+/// | `keepalive` | 15 s | 15 s | detects a silent peer without gRPC keepalive; hashicorp answers pings even with its own keepalive off |
+/// | `write_timeout` | 10 s | 10 s | yamux's safety valve for a connection that stops draining |
+/// | `handshake_timeout` | 10 s | 10 s | how long a client may take to open stream 1 (server), or the server to answer (client) |
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    /// Largest receive window per stream, in bytes (at least 256 KiB, the
+    /// protocol's initial window).
+    pub max_stream_window: u32,
+    /// How many peer-opened streams may wait to be accepted.
+    pub accept_backlog: usize,
+    /// Interval of yamux pings; `None` turns keepalive off. A peer that does
+    /// not answer for 30 s ends the session.
+    pub keepalive: Option<Duration>,
+    /// How long a write to the connection may block before the session is
+    /// considered dead.
+    pub write_timeout: Duration,
+    /// Most streams open at once in the session.
+    pub max_streams: usize,
+    /// Server: how long the client may take to open stream 1 after the magic.
+    /// Client: how long the connect and stream 1 may take.
+    pub handshake_timeout: Duration,
+}
+
+impl SessionConfig {
+    /// Defaults for the server role.
+    ///
+    /// ```
+    /// let c = backchannel::SessionConfig::server();
+    /// assert_eq!(c.accept_backlog, 1);
+    /// ```
+    pub fn server() -> Self {
+        SessionConfig {
+            max_stream_window: 4 * 1024 * 1024,
+            accept_backlog: 1,
+            keepalive: Some(Duration::from_secs(15)),
+            write_timeout: Duration::from_secs(10),
+            max_streams: 1024,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// Defaults for the client role.
+    ///
+    /// ```
+    /// let c = backchannel::SessionConfig::client();
+    /// assert_eq!(c.accept_backlog, 256);
+    /// ```
+    pub fn client() -> Self {
+        SessionConfig {
+            accept_backlog: 256,
+            ..Self::server()
+        }
+    }
+
+    /// Sets the per-stream receive window.
+    ///
+    /// ```
+    /// let c = backchannel::SessionConfig::client().with_window(256 * 1024);
+    /// assert_eq!(c.max_stream_window, 256 * 1024);
+    /// ```
+    pub fn with_window(mut self, bytes: u32) -> Self {
+        self.max_stream_window = bytes.max(tokio_yamux::config::INITIAL_STREAM_WINDOW);
+        self
+    }
+
+    pub(crate) fn yamux(&self) -> tokio_yamux::Config {
+        tokio_yamux::Config {
+            accept_backlog: self.accept_backlog.max(1),
+            enable_keepalive: self.keepalive.is_some(),
+            keepalive_interval: self.keepalive.unwrap_or(Duration::from_secs(30)),
+            connection_write_timeout: self.write_timeout,
+            max_stream_count: self.max_streams.max(1),
+            max_stream_window_size: self
+                .max_stream_window
+                .max(tokio_yamux::config::INITIAL_STREAM_WINDOW),
+        }
+    }
+}

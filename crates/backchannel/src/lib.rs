@@ -1,0 +1,51 @@
+//! `backchannel`: gRPC calls from a server back into its clients, over the one
+//! connection each client opened — through firewalls and NAT.
+//!
+//! Wire-compatible with GitLab Gitaly's `backchannel` (Go, hashicorp/yamux):
+//! the client writes the 11 magic bytes [`MAGIC`], both sides run a yamux
+//! session, the client's gRPC channel to the server rides stream 1, and the
+//! server opens further streams to call the gRPC service the client serves.
+//!
+//! # Server
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use backchannel::{Registry, ServerHandshaker, SessionConfig};
+//! let registry = Registry::new();
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:50051").await?;
+//! let incoming = listenmux::ListenMux::new(Default::default())
+//!     .register(ServerHandshaker::new(registry.clone(), SessionConfig::server()))
+//!     .incoming(listener);
+//! // In a handler: let channel = registry.backchannel_for(&request)?;
+//! // tonic::transport::Server::builder().add_service(svc).serve_with_incoming(incoming).await?;
+//! # drop(incoming); Ok(()) }
+//! ```
+//!
+//! # Client
+//! ```no_run
+//! # async fn run(routes: tonic::service::Routes) -> Result<(), backchannel::Error> {
+//! let client = backchannel::ClientBuilder::new().connect_tcp("127.0.0.1:50051", routes).await?;
+//! let channel = client.channel(); // forward calls; `routes` answers the reverse calls
+//! # drop(channel); Ok(()) }
+//! ```
+
+#![warn(missing_docs)]
+
+mod authority;
+mod client;
+mod config;
+mod error;
+mod registry;
+mod server;
+mod session;
+mod stream;
+
+pub use authority::AuthorityFix;
+pub use client::{Client, ClientBuilder, InboundInfo};
+pub use config::SessionConfig;
+pub use error::{Error, NotMultiplexed};
+pub use registry::{peer_id, PeerEvent, PeerId, PeerInfo, Registry};
+pub use server::ServerHandshaker;
+pub use stream::YamuxStream;
+
+/// The 11 bytes a client sends first: ASCII `backchannel`.
+pub const MAGIC: listenmux::Magic = *b"backchannel";

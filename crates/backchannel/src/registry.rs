@@ -1,0 +1,242 @@
+//! The peer registry: which backchannel belongs to which peer.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::SystemTime,
+};
+
+use tokio::sync::broadcast;
+use tonic::transport::Channel;
+
+use crate::{session::SessionHandle, Error, NotMultiplexed};
+
+/// A peer's ID: `u64`, from 1, increasing, never reused within a process.
+pub type PeerId = u64;
+
+/// What the registry knows about a connected peer.
+#[derive(Clone, Debug)]
+pub struct PeerInfo {
+    /// The peer's ID.
+    pub id: PeerId,
+    /// Its remote address (TCP only).
+    pub remote_addr: Option<SocketAddr>,
+    /// When its session was established.
+    pub connected_at: SystemTime,
+}
+
+/// A change in the set of connected peers.
+#[derive(Clone, Debug)]
+pub enum PeerEvent {
+    /// A peer completed its handshake and can be called back.
+    Connected(PeerInfo),
+    /// A peer's session ended; its backchannel is gone.
+    Disconnected(PeerId),
+}
+
+struct Entry {
+    info: PeerInfo,
+    channel: Channel,
+    session: SessionHandle,
+}
+
+struct Inner {
+    next_id: AtomicU64,
+    peers: Mutex<HashMap<PeerId, Entry>>,
+    events: broadcast::Sender<PeerEvent>,
+}
+
+/// Maps connected peers to their backchannels. Cheap to clone; all clones
+/// share one table.
+///
+/// ```
+/// # async fn handler(registry: backchannel::Registry, request: tonic::Request<()>) -> Result<(), tonic::Status> {
+/// // In a gRPC handler of the server: who is calling, and how do I call it back?
+/// let peer = backchannel::peer_id(&request)?;            // FAILED_PRECONDITION for plain clients
+/// let channel = registry.backchannel(peer)?;              // a tonic Channel to the caller
+/// // let mut client = MyClientServiceClient::new(channel);
+/// # drop(channel); Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Registry {
+    inner: Arc<Inner>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Registry {
+    /// An empty registry.
+    ///
+    /// ```
+    /// let registry = backchannel::Registry::new();
+    /// assert!(registry.is_empty());
+    /// ```
+    pub fn new() -> Self {
+        let (events, _) = broadcast::channel(1024);
+        Registry {
+            inner: Arc::new(Inner {
+                next_id: AtomicU64::new(1),
+                peers: Mutex::new(HashMap::new()),
+                events,
+            }),
+        }
+    }
+
+    pub(crate) fn next_id(&self) -> PeerId {
+        self.inner.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn peers(&self) -> std::sync::MutexGuard<'_, HashMap<PeerId, Entry>> {
+        // A panic while holding the lock cannot leave the map inconsistent
+        // (every critical section is a single insert/remove/read).
+        self.inner.peers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn insert(&self, info: PeerInfo, channel: Channel, session: SessionHandle) {
+        let id = info.id;
+        self.peers().insert(
+            id,
+            Entry {
+                info: info.clone(),
+                channel,
+                session,
+            },
+        );
+        let _ = self.inner.events.send(PeerEvent::Connected(info));
+    }
+
+    pub(crate) fn remove(&self, id: PeerId) {
+        if self.peers().remove(&id).is_some() {
+            let _ = self.inner.events.send(PeerEvent::Disconnected(id));
+        }
+    }
+
+    /// The backchannel of peer `id`: a tonic [`Channel`] whose every
+    /// (re)connect opens a new yamux stream to the peer.
+    ///
+    /// ```
+    /// let registry = backchannel::Registry::new();
+    /// assert!(matches!(registry.backchannel(7), Err(backchannel::Error::NoBackchannel(7))));
+    /// ```
+    pub fn backchannel(&self, id: PeerId) -> Result<Channel, Error> {
+        self.peers()
+            .get(&id)
+            .map(|e| e.channel.clone())
+            .ok_or(Error::NoBackchannel(id))
+    }
+
+    /// The backchannel of the peer that sent `request`.
+    ///
+    /// ```
+    /// let registry = backchannel::Registry::new();
+    /// let status = registry.backchannel_for(&tonic::Request::new(())).unwrap_err();
+    /// assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    /// ```
+    pub fn backchannel_for<T>(
+        &self,
+        request: &tonic::Request<T>,
+    ) -> Result<Channel, tonic::Status> {
+        let id = peer_id(request)?;
+        Ok(self.backchannel(id)?)
+    }
+
+    /// Information about peer `id`, if connected.
+    pub fn get(&self, id: PeerId) -> Option<PeerInfo> {
+        self.peers().get(&id).map(|e| e.info.clone())
+    }
+
+    /// All connected peers, in ID order.
+    ///
+    /// ```
+    /// assert!(backchannel::Registry::new().list().is_empty());
+    /// ```
+    pub fn list(&self) -> Vec<PeerInfo> {
+        let mut v: Vec<_> = self.peers().values().map(|e| e.info.clone()).collect();
+        v.sort_by_key(|p| p.id);
+        v
+    }
+
+    /// Number of connected peers.
+    pub fn len(&self) -> usize {
+        self.peers().len()
+    }
+
+    /// Whether no peer is connected.
+    pub fn is_empty(&self) -> bool {
+        self.peers().is_empty()
+    }
+
+    /// Closes peer `id`'s session (its in-flight calls fail with
+    /// UNAVAILABLE). Returns whether the peer was connected. Idempotent.
+    ///
+    /// ```
+    /// assert!(!backchannel::Registry::new().close(1));
+    /// ```
+    pub fn close(&self, id: PeerId) -> bool {
+        let session = self.peers().get(&id).map(|e| e.session.clone());
+        match session {
+            Some(s) => {
+                s.close();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Waits until peer `id` has been removed from the registry (returns at
+    /// once if it is not connected).
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// backchannel::Registry::new().wait_gone(3).await; // not connected: returns at once
+    /// # });
+    /// ```
+    pub async fn wait_gone(&self, id: PeerId) {
+        let mut events = self.subscribe();
+        loop {
+            if !self.peers().contains_key(&id) {
+                return;
+            }
+            match events.recv().await {
+                Ok(PeerEvent::Disconnected(gone)) if gone == id => return,
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    }
+
+    /// Subscribes to connect/disconnect events from now on. A subscriber
+    /// that falls more than 1024 events behind sees
+    /// [`broadcast::error::RecvError::Lagged`] and should re-read [`list`](Self::list).
+    ///
+    /// ```
+    /// let mut events = backchannel::Registry::new().subscribe();
+    /// assert!(events.try_recv().is_err());
+    /// ```
+    pub fn subscribe(&self) -> broadcast::Receiver<PeerEvent> {
+        self.inner.events.subscribe()
+    }
+}
+
+/// The ID of the peer that sent `request`, or [`NotMultiplexed`] (which
+/// converts to `FAILED_PRECONDITION`) for plain connections.
+///
+/// ```
+/// let err = backchannel::peer_id(&tonic::Request::new(())).unwrap_err();
+/// assert_eq!(tonic::Status::from(err).code(), tonic::Code::FailedPrecondition);
+/// ```
+pub fn peer_id<T>(request: &tonic::Request<T>) -> Result<PeerId, NotMultiplexed> {
+    request
+        .extensions()
+        .get::<listenmux::ConnInfo>()
+        .and_then(|i| i.peer_id)
+        .ok_or(NotMultiplexed)
+}

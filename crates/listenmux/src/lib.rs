@@ -1,0 +1,413 @@
+//! `listenmux`: one listening port, several protocols, chosen by the first bytes.
+//!
+//! A [`ListenMux`] wraps an accept source (TCP, Unix socket, optionally TLS on
+//! top of either) and sniffs the first [`MAGIC_LEN`] bytes of every accepted
+//! connection in a task of its own. When they equal the magic of a registered
+//! [`Handshaker`], the connection is handed to it; anything else goes to the
+//! plain gRPC server with the sniffed bytes replayed first, so plain clients
+//! share the port untouched.
+//!
+//! The accept loop never waits on a client: sniffing is bounded by
+//! [`MuxConfig::sniff_timeout`] and the number of connections being sniffed (and
+//! handshaked) at once by [`MuxConfig::max_pending`]; connections beyond that
+//! bound are closed at once and counted.
+//!
+//! The stream of connections it yields plugs straight into
+//! [`tonic::transport::Server::serve_with_incoming`]; handlers find the
+//! connection's [`ConnInfo`] in their request extensions.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use listenmux::{ListenMux, MuxConfig};
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let incoming = ListenMux::new(MuxConfig::default()).incoming(listener);
+//! // tonic::transport::Server::builder()
+//! //     .add_service(my_service)
+//! //     .serve_with_incoming(incoming)
+//! //     .await?;
+//! # drop(incoming);
+//! # Ok(()) }
+//! ```
+
+#![warn(missing_docs)]
+
+mod conn;
+mod listener;
+mod stats;
+
+use std::{
+    future::Future,
+    io,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use futures::Stream;
+use tokio::{
+    io::AsyncReadExt,
+    sync::{mpsc, OwnedSemaphorePermit, Semaphore},
+};
+use tracing::{debug, info_span, warn, Instrument};
+
+pub use conn::{BoxIo, ConnInfo, Connection, Io, Rewind, Transport};
+pub use listener::Listener;
+pub use stats::{Stats, StatsSnapshot};
+
+/// Length of a handshake magic, in bytes (Gitaly's `backchannel` is 11).
+pub const MAGIC_LEN: usize = 11;
+
+/// A handshake magic: the exact first bytes a client sends.
+pub type Magic = [u8; MAGIC_LEN];
+
+/// A boxed, sendable future, as returned by [`Handshaker::handshake`].
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// What a [`Handshaker`] made of a connection.
+pub enum Handshaked {
+    /// A connection for the gRPC server behind the mux (for example the first
+    /// stream of a multiplexed session).
+    Connection(Connection),
+    /// The handshaker took the connection over entirely; the gRPC server never
+    /// sees it.
+    Dispatched,
+}
+
+/// Why a handshake failed. Logged and counted by the mux; the connection is
+/// closed.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    /// Reading or writing the connection failed.
+    #[error("handshake i/o: {0}")]
+    Io(#[from] io::Error),
+    /// The peer did not complete the handshake in time.
+    #[error("handshake timed out after {0:?}")]
+    Timeout(Duration),
+    /// The peer spoke the protocol wrongly.
+    #[error("handshake protocol error: {0}")]
+    Protocol(Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// A protocol that is recognised by its [`Magic`] and takes over the
+/// connection after it.
+///
+/// ```
+/// use listenmux::{BoxFuture, BoxIo, ConnInfo, Connection, Handshaked, HandshakeError, Handshaker, Magic};
+///
+/// /// Answers "pong" to connections that start with `ping-ping-p` and closes them.
+/// struct Pong;
+/// impl Handshaker for Pong {
+///     fn magic(&self) -> Magic { *b"ping-ping-p" }
+///     fn handshake(&self, mut io: BoxIo, _info: ConnInfo) -> BoxFuture<Result<Handshaked, HandshakeError>> {
+///         Box::pin(async move {
+///             use tokio::io::AsyncWriteExt;
+///             io.write_all(b"pong").await?;
+///             Ok(Handshaked::Dispatched)
+///         })
+///     }
+/// }
+/// let mux = listenmux::ListenMux::new(Default::default()).register(Pong);
+/// # drop(mux);
+/// ```
+pub trait Handshaker: Send + Sync + 'static {
+    /// The magic that selects this handshaker.
+    fn magic(&self) -> Magic;
+
+    /// Takes over `io`, whose magic has already been read. `info` describes
+    /// the connection; a multiplexing handshaker fills in
+    /// [`ConnInfo::peer_id`] on the connection it returns.
+    fn handshake(&self, io: BoxIo, info: ConnInfo)
+        -> BoxFuture<Result<Handshaked, HandshakeError>>;
+}
+
+/// Settings of a [`ListenMux`].
+#[derive(Clone, Debug)]
+pub struct MuxConfig {
+    /// How long a new connection may take to send its first bytes (and, with
+    /// TLS, to finish the TLS handshake before that). Default 10 s.
+    pub sniff_timeout: Duration,
+    /// How many connections may be sniffed or handshaked at once; further
+    /// connections are closed immediately and counted in
+    /// [`StatsSnapshot::rejected_overload`]. Default 1024.
+    pub max_pending: usize,
+}
+
+impl Default for MuxConfig {
+    fn default() -> Self {
+        MuxConfig {
+            sniff_timeout: Duration::from_secs(10),
+            max_pending: 1024,
+        }
+    }
+}
+
+struct Inner {
+    config: MuxConfig,
+    handshakers: Vec<Arc<dyn Handshaker>>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    stats: Arc<Stats>,
+}
+
+/// Routes accepted connections by their first bytes. See the crate docs.
+#[derive(Clone)]
+pub struct ListenMux {
+    inner: Arc<Inner>,
+}
+
+impl ListenMux {
+    /// A mux with no handshakers: every connection goes to the gRPC server.
+    ///
+    /// ```
+    /// let mux = listenmux::ListenMux::new(listenmux::MuxConfig::default());
+    /// assert_eq!(mux.stats().snapshot().accepted, 0);
+    /// ```
+    pub fn new(config: MuxConfig) -> Self {
+        ListenMux {
+            inner: Arc::new(Inner {
+                config,
+                handshakers: Vec::new(),
+                tls: None,
+                stats: Arc::new(Stats::default()),
+            }),
+        }
+    }
+
+    fn inner_mut(&mut self) -> &mut Inner {
+        Arc::get_mut(&mut self.inner).expect("ListenMux is configured before it is cloned or used")
+    }
+
+    /// Registers a handshaker. A later handshaker with the same magic replaces
+    /// the earlier one.
+    ///
+    /// ```
+    /// # use listenmux::*;
+    /// # struct H; impl Handshaker for H { fn magic(&self) -> Magic { *b"xxxxxxxxxxx" }
+    /// # fn handshake(&self, _: BoxIo, _: ConnInfo) -> BoxFuture<Result<Handshaked, HandshakeError>> { Box::pin(async { Ok(Handshaked::Dispatched) }) } }
+    /// let mux = ListenMux::new(MuxConfig::default()).register(H);
+    /// # drop(mux);
+    /// ```
+    pub fn register(mut self, handshaker: impl Handshaker) -> Self {
+        let magic = handshaker.magic();
+        let inner = self.inner_mut();
+        inner.handshakers.retain(|h| h.magic() != magic);
+        inner.handshakers.push(Arc::new(handshaker));
+        self
+    }
+
+    /// Terminates TLS on every accepted connection before sniffing; the magic
+    /// is then read from the decrypted bytes. The peer's certificates (when the
+    /// acceptor asks for them) appear in [`ConnInfo::peer_certificates`].
+    ///
+    /// ```no_run
+    /// # fn f(config: std::sync::Arc<tokio_rustls::rustls::ServerConfig>) {
+    /// let mux = listenmux::ListenMux::new(Default::default())
+    ///     .with_tls(tokio_rustls::TlsAcceptor::from(config));
+    /// # drop(mux); }
+    /// ```
+    pub fn with_tls(mut self, acceptor: tokio_rustls::TlsAcceptor) -> Self {
+        self.inner_mut().tls = Some(acceptor);
+        self
+    }
+
+    /// Counters of what the mux has seen so far.
+    pub fn stats(&self) -> Arc<Stats> {
+        self.inner.stats.clone()
+    }
+
+    /// Starts accepting on `listener` in a background task and returns the
+    /// stream of connections for the gRPC server. Dropping the stream stops the
+    /// accept loop and closes the listener.
+    ///
+    /// ```no_run
+    /// # async fn f() -> std::io::Result<()> {
+    /// let listener = tokio::net::UnixListener::bind("/tmp/example.sock")?;
+    /// let incoming = listenmux::ListenMux::new(Default::default()).incoming(listener);
+    /// # drop(incoming); Ok(()) }
+    /// ```
+    pub fn incoming<L: Listener>(self, listener: L) -> Incoming {
+        let (tx, rx) = mpsc::channel(64);
+        let task = tokio::spawn(accept_loop(listener, self.inner, tx));
+        Incoming {
+            rx,
+            task: AbortOnDrop(task),
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The connections a [`ListenMux`] hands to the gRPC server: plain ones with
+/// their sniffed bytes replayed, and those returned by handshakers.
+///
+/// It never yields an error; accept and handshake failures are logged and
+/// counted in [`Stats`].
+pub struct Incoming {
+    rx: mpsc::Receiver<Connection>,
+    task: AbortOnDrop,
+}
+
+impl Stream for Incoming {
+    type Item = Result<Connection, io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let _ = &self.task;
+        self.rx.poll_recv(cx).map(|c| c.map(Ok))
+    }
+}
+
+async fn accept_loop<L: Listener>(
+    mut listener: L,
+    inner: Arc<Inner>,
+    tx: mpsc::Sender<Connection>,
+) {
+    let pending = Arc::new(Semaphore::new(inner.config.max_pending));
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = tx.closed() => return,
+        };
+        match accepted {
+            Ok((io, info)) => {
+                backoff = Duration::from_millis(5);
+                inner.stats.inc(&inner.stats.accepted);
+                let Ok(permit) = pending.clone().try_acquire_owned() else {
+                    inner.stats.inc(&inner.stats.rejected_overload);
+                    warn!(remote = ?info.remote_addr, max_pending = inner.config.max_pending,
+                        "too many connections being sniffed; closing the new one");
+                    continue;
+                };
+                let span = info_span!("listenmux_conn", remote = ?info.remote_addr);
+                tokio::spawn(
+                    sniff_and_route(Box::new(io), info, inner.clone(), tx.clone(), permit)
+                        .instrument(span),
+                );
+            }
+            Err(err) => {
+                // Out of file descriptors and similar resource errors: back off
+                // instead of spinning. Other errors concern one connection only.
+                warn!(error = %err, "accept failed");
+                if is_resource_error(&err) {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+            }
+        }
+    }
+}
+
+fn is_resource_error(err: &io::Error) -> bool {
+    // EMFILE, ENFILE, ENOBUFS, ENOMEM
+    matches!(err.raw_os_error(), Some(23 | 24 | 105 | 12))
+}
+
+/// What sniffing read: a connection, its first bytes and how many there are.
+struct Sniffed {
+    io: BoxIo,
+    info: ConnInfo,
+    buf: [u8; MAGIC_LEN],
+    len: usize,
+}
+
+async fn sniff_and_route(
+    io: BoxIo,
+    info: ConnInfo,
+    inner: Arc<Inner>,
+    tx: mpsc::Sender<Connection>,
+    permit: OwnedSemaphorePermit,
+) {
+    let stats = &inner.stats;
+    let timeout = inner.config.sniff_timeout;
+    let sniffed = match tokio::time::timeout(timeout, sniff(io, info, &inner)).await {
+        Err(_) => {
+            stats.inc(&stats.sniff_timeouts);
+            debug!(
+                ?timeout,
+                "closing connection: no magic or preface within the sniff timeout"
+            );
+            return;
+        }
+        Ok(Err(err)) => {
+            stats.inc(&stats.sniff_errors);
+            debug!(error = %err, "closing connection: failed before its first bytes");
+            return;
+        }
+        Ok(Ok(s)) => s,
+    };
+    let Sniffed { io, info, buf, len } = sniffed;
+    let handshaker = (len == MAGIC_LEN)
+        .then(|| inner.handshakers.iter().find(|h| h.magic() == buf))
+        .flatten();
+    let conn = match handshaker {
+        None => {
+            stats.inc(&stats.plain);
+            let prefix = Bytes::copy_from_slice(&buf[..len]);
+            Connection::new(Box::new(Rewind::new(prefix, io)), info)
+        }
+        Some(h) => {
+            stats.inc(&stats.handshakes);
+            match h.handshake(io, info).await {
+                Ok(Handshaked::Connection(conn)) => conn,
+                Ok(Handshaked::Dispatched) => return,
+                Err(err) => {
+                    stats.inc(&stats.handshake_failures);
+                    warn!(error = %err, magic = %String::from_utf8_lossy(&buf), "handshake failed");
+                    return;
+                }
+            }
+        }
+    };
+    drop(permit);
+    if tx.send(conn).await.is_err() {
+        debug!("server stopped accepting; dropping connection");
+    }
+}
+
+async fn sniff(io: BoxIo, mut info: ConnInfo, inner: &Inner) -> io::Result<Sniffed> {
+    let mut io = match &inner.tls {
+        None => io,
+        Some(acceptor) => {
+            let tls = acceptor.accept(io).await?;
+            info.tls = true;
+            if let Some(certs) = tls.get_ref().1.peer_certificates() {
+                info.peer_certificates = Some(Arc::new(
+                    certs.iter().map(|c| c.clone().into_owned()).collect(),
+                ));
+            }
+            Box::new(tls) as BoxIo
+        }
+    };
+    let mut buf = [0u8; MAGIC_LEN];
+    let mut len = 0;
+    while len < MAGIC_LEN {
+        let n = io.read(&mut buf[len..]).await?;
+        if n == 0 {
+            break;
+        }
+        len += n;
+        // Stop as soon as no magic can match: a plain HTTP/2 client (whose
+        // preface starts with 'P') is routed after its first read.
+        if !inner
+            .handshakers
+            .iter()
+            .any(|h| h.magic()[..len] == buf[..len])
+        {
+            break;
+        }
+    }
+    if len == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "closed before sending anything",
+        ));
+    }
+    Ok(Sniffed { io, info, buf, len })
+}
