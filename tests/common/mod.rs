@@ -43,7 +43,12 @@ pub async fn start_server(bind: Bind, mux: MuxConfig, session: SessionConfig) ->
     start_server_with(bind, mux, session, Server::builder()).await
 }
 
-pub async fn start_server_with(bind: Bind, mux: MuxConfig, session: SessionConfig, mut server: Server) -> TestServer {
+pub async fn start_server_with(
+    bind: Bind,
+    mux: MuxConfig,
+    session: SessionConfig,
+    mut server: Server,
+) -> TestServer {
     let registry = Registry::new();
     let mut lm = ListenMux::new(mux).register(ServerHandshaker::new(registry.clone(), session));
     let router = server
@@ -66,7 +71,12 @@ pub async fn start_server_with(bind: Bind, mux: MuxConfig, session: SessionConfi
             let path = dir.path().join("server.sock");
             let l = tokio::net::UnixListener::bind(&path).unwrap();
             let stats = lm.stats();
-            (path.display().to_string(), Some(path), Some(dir), (lm.incoming(l), stats))
+            (
+                path.display().to_string(),
+                Some(path),
+                Some(dir),
+                (lm.incoming(l), stats),
+            )
         }
     };
     let (incoming, stats) = incoming;
@@ -112,21 +122,35 @@ pub fn tls_configs() -> (
     Arc<tokio_rustls::rustls::ServerConfig>,
     Arc<tokio_rustls::rustls::ClientConfig>,
 ) {
+    let (s, c, _) = tls_configs_with_pem();
+    (s, c)
+}
+
+/// Like [`tls_configs`], plus the certificate as PEM (the CA for plain tonic
+/// TLS clients).
+pub fn tls_configs_with_pem() -> (
+    Arc<tokio_rustls::rustls::ServerConfig>,
+    Arc<tokio_rustls::rustls::ClientConfig>,
+    String,
+) {
     use tokio_rustls::rustls;
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let pem = cert.cert.pem();
     let cert_der = cert.cert.der().clone();
     let key = rustls_pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
-    let server = rustls::ServerConfig::builder()
+    let mut server = rustls::ServerConfig::builder()
         .with_no_client_auth()
         .with_single_cert(vec![cert_der.clone()], key)
         .unwrap();
+    // Plain gRPC TLS clients insist on ALPN h2; backchannel clients need none.
+    server.alpn_protocols = vec![b"h2".to_vec()];
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert_der).unwrap();
     let client = rustls::ClientConfig::builder()
         .with_root_certificates(roots)
         .with_no_client_auth();
-    (Arc::new(server), Arc::new(client))
+    (Arc::new(server), Arc::new(client), pem)
 }
 
 /// Waits (event-driven, bounded) until the registry holds `n` peers.

@@ -19,7 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_yamux::session::SessionType;
 use tonic::{
     service::Routes,
-    transport::{server::Connected, Channel, Endpoint, Server},
+    transport::{server::Connected, Endpoint, Server},
 };
 use tracing::{debug, info_span, Instrument};
 
@@ -28,7 +28,7 @@ use crate::{
     config::SessionConfig,
     session::{self, CloseOnDrop, SessionHandle},
     stream::YamuxStream,
-    Error, MAGIC,
+    Error, PeerChannel, MAGIC,
 };
 
 /// Builds a backchannel [`Client`].
@@ -189,14 +189,14 @@ impl ClientBuilder {
             .instrument(span),
         );
         Ok(Client {
-            channel,
+            channel: PeerChannel::new(channel, format!("server {authority}")),
             session,
             _guard: guard,
         })
     }
 }
 
-/// A connected backchannel client: a [`Channel`] to the server (yamux stream
+/// A connected backchannel client: a [`PeerChannel`] to the server (yamux stream
 /// 1) while its backchannel service answers the server's calls.
 ///
 /// The session lives until [`close`](Self::close), until the server or the
@@ -204,14 +204,14 @@ impl ClientBuilder {
 /// A reconnect is a new `Client`: a new connection, session and peer ID.
 #[derive(Clone)]
 pub struct Client {
-    channel: Channel,
+    channel: PeerChannel,
     session: SessionHandle,
     _guard: Arc<CloseOnDrop>,
 }
 
 impl Client {
     /// The gRPC channel to the server.
-    pub fn channel(&self) -> Channel {
+    pub fn channel(&self) -> PeerChannel {
         self.channel.clone()
     }
 

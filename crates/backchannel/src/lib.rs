@@ -31,6 +31,7 @@
 #![warn(missing_docs)]
 
 mod authority;
+mod channel;
 mod client;
 mod config;
 mod error;
@@ -40,6 +41,7 @@ mod session;
 mod stream;
 
 pub use authority::AuthorityFix;
+pub use channel::PeerChannel;
 pub use client::{Client, ClientBuilder, InboundInfo};
 pub use config::SessionConfig;
 pub use error::{Error, NotMultiplexed};

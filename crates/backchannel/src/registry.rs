@@ -11,9 +11,8 @@ use std::{
 };
 
 use tokio::sync::broadcast;
-use tonic::transport::Channel;
 
-use crate::{session::SessionHandle, Error, NotMultiplexed};
+use crate::{session::SessionHandle, Error, NotMultiplexed, PeerChannel};
 
 /// A peer's ID: `u64`, from 1, increasing, never reused within a process.
 pub type PeerId = u64;
@@ -40,7 +39,7 @@ pub enum PeerEvent {
 
 struct Entry {
     info: PeerInfo,
-    channel: Channel,
+    channel: PeerChannel,
     session: SessionHandle,
 }
 
@@ -57,7 +56,7 @@ struct Inner {
 /// # async fn handler(registry: backchannel::Registry, request: tonic::Request<()>) -> Result<(), tonic::Status> {
 /// // In a gRPC handler of the server: who is calling, and how do I call it back?
 /// let peer = backchannel::peer_id(&request)?;            // FAILED_PRECONDITION for plain clients
-/// let channel = registry.backchannel(peer)?;              // a tonic Channel to the caller
+/// let channel = registry.backchannel(peer)?;              // a gRPC channel to the caller
 /// // let mut client = MyClientServiceClient::new(channel);
 /// # drop(channel); Ok(()) }
 /// ```
@@ -100,7 +99,7 @@ impl Registry {
         self.inner.peers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(crate) fn insert(&self, info: PeerInfo, channel: Channel, session: SessionHandle) {
+    pub(crate) fn insert(&self, info: PeerInfo, channel: PeerChannel, session: SessionHandle) {
         let id = info.id;
         self.peers().insert(
             id,
@@ -119,14 +118,14 @@ impl Registry {
         }
     }
 
-    /// The backchannel of peer `id`: a tonic [`Channel`] whose every
+    /// The backchannel of peer `id`: a [`PeerChannel`] whose every
     /// (re)connect opens a new yamux stream to the peer.
     ///
     /// ```
     /// let registry = backchannel::Registry::new();
     /// assert!(matches!(registry.backchannel(7), Err(backchannel::Error::NoBackchannel(7))));
     /// ```
-    pub fn backchannel(&self, id: PeerId) -> Result<Channel, Error> {
+    pub fn backchannel(&self, id: PeerId) -> Result<PeerChannel, Error> {
         self.peers()
             .get(&id)
             .map(|e| e.channel.clone())
@@ -143,7 +142,7 @@ impl Registry {
     pub fn backchannel_for<T>(
         &self,
         request: &tonic::Request<T>,
-    ) -> Result<Channel, tonic::Status> {
+    ) -> Result<PeerChannel, tonic::Status> {
         let id = peer_id(request)?;
         Ok(self.backchannel(id)?)
     }

@@ -14,7 +14,7 @@ use listenmux::{
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_yamux::session::SessionType;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 use tracing::{info, info_span, Instrument};
 
 use crate::{
@@ -22,7 +22,7 @@ use crate::{
     registry::{PeerInfo, Registry},
     session::{self, CloseOnDrop, SessionHandle},
     stream::YamuxStream,
-    Error, MAGIC,
+    Error, PeerChannel, MAGIC,
 };
 
 /// The [`Handshaker`] to register with a [`listenmux::ListenMux`] on the
@@ -100,7 +100,10 @@ async fn accept_peer(
     };
     registry.insert(
         peer,
-        reverse_channel(session.clone(), info.remote_addr),
+        PeerChannel::new(
+            reverse_channel(session.clone(), info.remote_addr),
+            format!("peer {id}"),
+        ),
         session.clone(),
     );
     let reg = registry.clone();
@@ -125,7 +128,10 @@ async fn accept_peer(
 }
 
 /// A tonic channel to the client: each (re)connect opens a new yamux stream.
-fn reverse_channel(session: SessionHandle, remote: Option<std::net::SocketAddr>) -> Channel {
+fn reverse_channel(
+    session: SessionHandle,
+    remote: Option<std::net::SocketAddr>,
+) -> tonic::transport::Channel {
     // The authority is informational only; the client accepts any.
     let uri = match remote {
         Some(addr) => format!("http://{addr}"),

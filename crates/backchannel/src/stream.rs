@@ -74,6 +74,22 @@ impl YamuxStream {
     }
 }
 
+/// Wraps a stream from a tokio-yamux session you run yourself, to get the
+/// stall fix.
+///
+/// ```no_run
+/// # async fn f(handle: tokio_yamux::StreamHandle) {
+/// use tokio::io::AsyncWriteExt;
+/// let mut stream = backchannel::YamuxStream::from(handle);
+/// stream.write_all(b"no stall").await.unwrap();
+/// # }
+/// ```
+impl From<StreamHandle> for YamuxStream {
+    fn from(inner: StreamHandle) -> Self {
+        Self::new(inner)
+    }
+}
+
 impl std::fmt::Debug for YamuxStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("YamuxStream")

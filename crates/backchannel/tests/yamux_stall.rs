@@ -1,0 +1,94 @@
+//! The tokio-yamux 0.3.18-0.3.20 stall, reproduced at the yamux layer with a
+//! real session pair: a task that only writes (never reads its stream) stops
+//! for ever once its send window is used up, because the window updates that
+//! arrive later wake nobody. `YamuxStream` must not stall.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_yamux::{Config, Session, StreamHandle};
+
+const TOTAL: usize = 8 * 1024 * 1024;
+
+/// Sets up a session pair over an in-memory pipe; returns the server-side
+/// stream (the writer) and the client-side stream (the reader).
+async fn stream_pair() -> (StreamHandle, StreamHandle) {
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let cfg = Config {
+        enable_keepalive: false,
+        ..Config::default()
+    };
+    let mut server = Session::new_server(a, cfg);
+    let mut client = Session::new_client(b, cfg);
+    let mut reader = client.open_stream().unwrap();
+    tokio::spawn(async move { while let Some(Ok(_)) = client.next().await {} });
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let s = server.next().await.unwrap().unwrap();
+        let _ = tx.send(s);
+        while let Some(Ok(_)) = server.next().await {}
+    });
+    reader.write_all(b"x").await.unwrap();
+    (rx.await.unwrap(), reader)
+}
+
+/// Writes TOTAL bytes from a write-only task; returns whether the reader got
+/// them all within `limit`.
+async fn transfer<W>(writer: W, mut reader: StreamHandle, limit: Duration) -> bool
+where
+    W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let mut writer = writer;
+    let task = tokio::spawn(async move {
+        let chunk = vec![1u8; 64 * 1024];
+        for _ in 0..TOTAL / chunk.len() {
+            writer.write_all(&chunk).await.unwrap();
+        }
+    });
+    let mut buf = vec![0u8; 32 * 1024];
+    let mut got = 0;
+    let done = tokio::time::timeout(limit, async {
+        while got < TOTAL {
+            let n = reader.read(&mut buf).await.unwrap();
+            assert!(n > 0, "reader hit EOF after {got} bytes");
+            got += n;
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .is_ok();
+    task.abort();
+    done
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_only_task_through_yamux_stream_does_not_stall() {
+    for _ in 0..5 {
+        let (writer, reader) = stream_pair().await;
+        // A bound only a stall can reach (8 MiB in memory takes milliseconds).
+        assert!(
+            transfer(
+                backchannel::YamuxStream::from(writer),
+                reader,
+                Duration::from_secs(60)
+            )
+            .await,
+            "write-only task stalled"
+        );
+    }
+}
+
+/// Documents the upstream bug this crate works around: the raw handle
+/// stalls. Ignored by default because proving a stall means waiting for a
+/// timeout; run it with `--ignored` to check whether an upgraded tokio-yamux
+/// still needs the workaround (if this fails, upstream fixed it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn raw_tokio_yamux_write_only_task_stalls() {
+    let (writer, reader) = stream_pair().await;
+    assert!(
+        !transfer(writer, reader, Duration::from_secs(5)).await,
+        "raw tokio-yamux no longer stalls: the YamuxStream workaround may be dropped"
+    );
+}

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Runs every test of the project on a fresh machine: installs what the tests
+# need and the machine lacks (the Go interop peer's Debian packages, Python's
+# grpcio for the non-Rust client test), then the whole cargo test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Go peer for the interop tests (Debian packages, offline GOPATH build).
+bash tests/interop/go/build.sh
+
+# A client that is not written in Rust, for the sidecar tests.
+if ! python3 -c 'import grpc' 2>/dev/null; then
+  python3 -m pip install --quiet --disable-pip-version-check grpcio
+fi
+
+# Release build: the suite moves hundreds of MiB through yamux.
+cargo test --workspace --release "$@"
