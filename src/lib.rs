@@ -1,7 +1,11 @@
 //! Shared pieces of the `backchannel` command and the end-to-end tests: the
 //! generated protobuf code and the example services.
 
+pub mod agent;
+pub mod bench;
 pub mod demo;
+pub mod hub;
+pub mod router;
 pub mod services;
 
 /// Generated protobuf and gRPC code.
@@ -13,5 +17,14 @@ pub mod pb {
     /// `backchannel.bench.v1`: the benchmark service.
     pub mod bench {
         tonic::include_proto!("backchannel.bench.v1");
+    }
+    /// `backchannel.hub.v1`: the hub's admin (Peers) and Registration services.
+    pub mod hub {
+        tonic::include_proto!("backchannel.hub.v1");
+        /// Encoded `FileDescriptorSet` of hub.proto and its imports (for reflection).
+        pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(
+            env!("OUT_DIR"),
+            "/backchannel_hub_v1_descriptor.bin"
+        ));
     }
 }

@@ -18,6 +18,15 @@ enum Command {
     /// Start a server and a client on loopback and show forward calls, reverse
     /// calls and a plain gRPC client sharing the port.
     Demo,
+    /// Run a hub: agents dial in, plain gRPC callers reach them by name with
+    /// the `backchannel-peer` metadata key.
+    Hub(backchannel_cli::hub::HubArgs),
+    /// Run an agent: dial out to a hub and publish a local gRPC server
+    /// through it under a name.
+    Agent(backchannel_cli::agent::AgentArgs),
+    /// Benchmark plain tonic, backchannel forward/reverse calls and raw yamux
+    /// against each other, or connect N idle peers (`bench peers N`).
+    Bench(backchannel_cli::bench::BenchArgs),
 }
 
 #[tokio::main]
@@ -30,5 +39,8 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Demo => backchannel_cli::demo::run().await,
+        Command::Hub(args) => backchannel_cli::hub::run(args.into_config()).await,
+        Command::Agent(args) => backchannel_cli::agent::run(args.into_config()?).await,
+        Command::Bench(args) => backchannel_cli::bench::run(args).await,
     }
 }

@@ -1,0 +1,121 @@
+//! The hot frame path: bytes through one yamux stream pair over an
+//! in-memory duplex. The server end is backchannel's `YamuxStream` (stream 1
+//! as the public `ServerHandshaker` hands it to tonic); the client end is a
+//! raw tokio-yamux stream with the same stall fix (`bench::yamux::RawStream`).
+//! The duplex alone is the baseline.
+//!
+//! `cargo bench --bench frames -- --warm-up-time 1 --measurement-time 3`
+
+use std::time::{Duration, Instant};
+
+use backchannel_cli::bench::{workload, yamux};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use listenmux::{BoxIo, Handshaked, Handshaker};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_yamux::session::SessionType;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// (client end, server end) of one yamux stream over a duplex.
+async fn pair() -> (yamux::RawStream, BoxIo) {
+    let (c, s) = tokio::io::duplex(1 << 20);
+    let server = tokio::spawn(async move {
+        let hs = backchannel::ServerHandshaker::new(
+            backchannel::Registry::new(),
+            backchannel::SessionConfig::server(),
+        );
+        match hs
+            .handshake(Box::new(s), listenmux::ConnInfo::default())
+            .await
+        {
+            Ok(Handshaked::Connection(conn)) => conn.into_parts().0,
+            _ => panic!("server handshake failed"),
+        }
+    });
+    let (mut control, _inbound) =
+        yamux::spawn_session(c, yamux::config(4 << 20, 256), SessionType::Client);
+    let stream = control.open_stream().await.expect("open stream 1");
+    (
+        yamux::RawStream::new(stream, false),
+        server.await.expect("server"),
+    )
+}
+
+/// Writes `n` messages of `msg.len()` bytes on `w` and reads them on `r`.
+async fn pump<W, R>(w: &mut W, r: &mut R, msg: &[u8], n: u64, buf: &mut [u8])
+where
+    W: AsyncWrite + Unpin,
+    R: AsyncRead + Unpin,
+{
+    let total = msg.len() as u64 * n;
+    let write = async {
+        for _ in 0..n {
+            w.write_all(msg).await.expect("write");
+        }
+    };
+    let read = async {
+        let mut got = 0u64;
+        while got < total {
+            let k = r.read(buf).await.expect("read");
+            assert!(k > 0, "stream ended");
+            got += k as u64;
+        }
+    };
+    tokio::join!(write, read);
+}
+
+fn frames(c: &mut Criterion) {
+    let rt = runtime();
+    let mut g = c.benchmark_group("frames");
+    let mut buf = vec![0u8; 256 * 1024];
+    for size in [1024usize, 16 * 1024, 64 * 1024] {
+        let msg = workload::pattern(0, size);
+        g.throughput(Throughput::Bytes(size as u64));
+        let (mut client, mut server) = rt.block_on(pair());
+        g.bench_with_input(BenchmarkId::new("yamux c->s", size), &size, |b, _| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let t = Instant::now();
+                    pump(&mut client, &mut server, &msg, iters, &mut buf).await;
+                    t.elapsed()
+                })
+            })
+        });
+        g.bench_with_input(BenchmarkId::new("yamux s->c", size), &size, |b, _| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let t = Instant::now();
+                    pump(&mut server, &mut client, &msg, iters, &mut buf).await;
+                    t.elapsed()
+                })
+            })
+        });
+        let (mut a, mut z) = tokio::io::duplex(1 << 20);
+        g.bench_with_input(BenchmarkId::new("duplex", size), &size, |b, _| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let t = Instant::now();
+                    pump(&mut a, &mut z, &msg, iters, &mut buf).await;
+                    t.elapsed()
+                })
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+        .sample_size(20);
+    targets = frames
+}
+criterion_main!(benches);

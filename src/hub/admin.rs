@@ -1,0 +1,83 @@
+//! `backchannel.hub.v1.Peers` (admin) and `backchannel.hub.v1.Registration`.
+
+use std::{pin::Pin, sync::Arc};
+
+use futures::Stream;
+use tokio::sync::broadcast;
+use tonic::{Request, Response, Status};
+
+use crate::{
+    hub::state::HubState,
+    pb::hub::{
+        peer_event::Kind, peers_server::Peers, registration_server::Registration, AnnounceRequest,
+        AnnounceResponse, ListPeersRequest, ListPeersResponse, PeerEvent, WatchPeersRequest,
+    },
+};
+
+/// Serves both hub services over the shared [`HubState`].
+#[derive(Clone)]
+pub struct HubApi {
+    /// The hub's state.
+    pub state: Arc<HubState>,
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<PeerEvent, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl Peers for HubApi {
+    async fn list(
+        &self,
+        _request: Request<ListPeersRequest>,
+    ) -> Result<Response<ListPeersResponse>, Status> {
+        Ok(Response::new(ListPeersResponse {
+            peers: self.state.list(),
+        }))
+    }
+
+    type WatchStream = EventStream;
+
+    async fn watch(
+        &self,
+        request: Request<WatchPeersRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let skip_existing = request.into_inner().skip_existing;
+        let (snapshot, rx) = self.state.watch();
+        let existing = if skip_existing { Vec::new() } else { snapshot };
+        let first = futures::stream::iter(existing.into_iter().map(|p| {
+            Ok(PeerEvent {
+                kind: Kind::Existing as i32,
+                peer: Some(p),
+            })
+        }));
+        let live = futures::stream::unfold(rx, |mut rx| async move {
+            match rx.recv().await {
+                Ok(ev) => Some((Ok(ev), rx)),
+                Err(broadcast::error::RecvError::Lagged(n)) => Some((
+                    Err(Status::data_loss(format!(
+                        "watcher fell {n} events behind; call List and Watch again"
+                    ))),
+                    rx,
+                )),
+                Err(broadcast::error::RecvError::Closed) => None,
+            }
+        });
+        use futures::StreamExt;
+        Ok(Response::new(Box::pin(first.chain(live))))
+    }
+}
+
+#[tonic::async_trait]
+impl Registration for HubApi {
+    async fn announce(
+        &self,
+        request: Request<AnnounceRequest>,
+    ) -> Result<Response<AnnounceResponse>, Status> {
+        let id = backchannel::peer_id(&request)?;
+        let r = request.into_inner();
+        let replaced = self.state.announce(id, r.name, r.labels)?;
+        Ok(Response::new(AnnounceResponse {
+            peer_id: id,
+            replaced_peer_id: replaced.unwrap_or(0),
+        }))
+    }
+}

@@ -1,0 +1,380 @@
+//! What the hub knows about its peers beyond the core registry: names,
+//! labels, per-peer call counters, and the Watch event stream.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+};
+
+use backchannel::{PeerEvent, PeerId, PeerInfo, Registry};
+use tokio::sync::{broadcast, Notify};
+use tonic::{transport::Channel, Code, Status};
+
+use crate::{
+    hub::metrics::Metrics,
+    pb::hub::{peer_event::Kind, Peer, PeerEvent as PbEvent},
+    router::CallObserver,
+};
+
+/// Counters of one peer's routed calls.
+#[derive(Default, Debug)]
+pub struct PeerCounters {
+    /// Routed calls still running.
+    pub in_flight: AtomicI64,
+    /// Routed calls so far.
+    pub calls: AtomicU64,
+    /// Request bytes sent to the peer.
+    pub bytes_to_peer: AtomicU64,
+    /// Response bytes received from the peer.
+    pub bytes_from_peer: AtomicU64,
+}
+
+struct Entry {
+    info: PeerInfo,
+    name: String,
+    labels: HashMap<String, String>,
+    counters: Arc<PeerCounters>,
+}
+
+#[derive(Default)]
+struct Tables {
+    peers: HashMap<PeerId, Entry>,
+    names: HashMap<String, PeerId>,
+}
+
+/// The hub's view of its peers. Shared by the router, the admin services
+/// and the metrics endpoint.
+pub struct HubState {
+    registry: Registry,
+    tables: Mutex<Tables>,
+    events: broadcast::Sender<PbEvent>,
+    /// Hub-wide counters (Prometheus).
+    pub metrics: Arc<Metrics>,
+    draining: AtomicBool,
+    in_flight: AtomicI64,
+    idle: Notify,
+}
+
+/// Where a routed call goes.
+pub struct Route {
+    /// The peer's backchannel.
+    pub channel: Channel,
+    /// "peer 'name' (id N)", for messages.
+    pub label: String,
+    /// Counts the call.
+    pub observer: Arc<dyn CallObserver>,
+}
+
+impl HubState {
+    /// State over `registry`. Call [`spawn_event_loop`](Self::spawn_event_loop)
+    /// right away so no join or leave is missed.
+    pub fn new(registry: Registry, metrics: Arc<Metrics>) -> Arc<Self> {
+        let (events, _) = broadcast::channel(1024);
+        Arc::new(HubState {
+            registry,
+            tables: Mutex::new(Tables::default()),
+            events,
+            metrics,
+            draining: AtomicBool::new(false),
+            in_flight: AtomicI64::new(0),
+            idle: Notify::new(),
+        })
+    }
+
+    /// The core registry.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    fn tables(&self) -> std::sync::MutexGuard<'_, Tables> {
+        self.tables.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Follows the registry's joins and leaves until the registry's event
+    /// channel closes or the task is aborted.
+    pub fn spawn_event_loop(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let mut rx = self.registry.subscribe();
+        let this = self.clone();
+        // Peers that joined before we subscribed.
+        for info in self.registry.list() {
+            this.joined(info);
+        }
+        tokio::spawn(async move {
+            loop {
+                match rx.recv().await {
+                    Ok(PeerEvent::Connected(info)) => this.joined(info),
+                    Ok(PeerEvent::Disconnected(id)) => this.left(id),
+                    Err(broadcast::error::RecvError::Lagged(_)) => this.resync(),
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        })
+    }
+
+    fn joined(&self, info: PeerInfo) {
+        let event = {
+            let mut t = self.tables();
+            if t.peers.contains_key(&info.id) {
+                return;
+            }
+            self.metrics.sessions_opened.fetch_add(1, Ordering::Relaxed);
+            let e = Entry {
+                info,
+                name: String::new(),
+                labels: HashMap::new(),
+                counters: Arc::default(),
+            };
+            let pb = to_pb(&e);
+            t.peers.insert(e.info.id, e);
+            pb
+        };
+        tracing::info!(peer = event.id, "peer joined");
+        self.emit(Kind::Joined, event);
+    }
+
+    fn left(&self, id: PeerId) {
+        let event = {
+            let mut t = self.tables();
+            let Some(e) = t.peers.remove(&id) else {
+                return;
+            };
+            if t.names.get(&e.name) == Some(&id) {
+                t.names.remove(&e.name);
+            }
+            self.metrics.sessions_closed.fetch_add(1, Ordering::Relaxed);
+            to_pb(&e)
+        };
+        tracing::info!(peer = id, name = %event.name, "peer left");
+        self.emit(Kind::Left, event);
+    }
+
+    fn resync(&self) {
+        let live = self.registry.list();
+        let known: Vec<PeerId> = self.tables().peers.keys().copied().collect();
+        for id in known {
+            if !live.iter().any(|p| p.id == id) {
+                self.left(id);
+            }
+        }
+        for info in live {
+            self.joined(info);
+        }
+    }
+
+    fn emit(&self, kind: Kind, peer: Peer) {
+        let _ = self.events.send(PbEvent {
+            kind: kind as i32,
+            peer: Some(peer),
+        });
+    }
+
+    /// Names peer `id` (newest wins). Returns the peer that held the name
+    /// before, whose session is being closed.
+    pub fn announce(
+        &self,
+        id: PeerId,
+        name: String,
+        labels: HashMap<String, String>,
+    ) -> Result<Option<PeerId>, Status> {
+        if name.is_empty() {
+            return Err(Status::invalid_argument("the name must not be empty"));
+        }
+        if name.parse::<u64>().is_ok() {
+            return Err(Status::invalid_argument(
+                "the name must not be a number (numbers address peers by ID)",
+            ));
+        }
+        // The join event may still be on its way to the event loop: record
+        // the join now (idempotent), so watchers see JOINED before ANNOUNCED.
+        match self.registry.get(id) {
+            Some(info) => self.joined(info),
+            None => return Err(Status::unavailable(format!("peer {id} is gone"))),
+        }
+        let (replaced, event) = {
+            let mut t = self.tables();
+            if !t.peers.contains_key(&id) {
+                return Err(Status::unavailable(format!("peer {id} is gone")));
+            }
+            let replaced = t.names.insert(name.clone(), id).filter(|&old| old != id);
+            let e = t.peers.get_mut(&id).expect("inserted above");
+            let old_name = std::mem::replace(&mut e.name, name);
+            e.labels = labels;
+            let pb = to_pb(e);
+            if !old_name.is_empty() && old_name != pb.name && t.names.get(&old_name) == Some(&id) {
+                t.names.remove(&old_name);
+            }
+            if let Some(old) = replaced {
+                if let Some(o) = t.peers.get_mut(&old) {
+                    o.name.clear();
+                }
+            }
+            (replaced, pb)
+        };
+        tracing::info!(peer = id, name = %event.name, replaced = ?replaced, "peer announced");
+        self.emit(Kind::Announced, event);
+        if let Some(old) = replaced {
+            self.registry.close(old);
+        }
+        Ok(replaced)
+    }
+
+    /// All peers, in ID order.
+    pub fn list(&self) -> Vec<Peer> {
+        let t = self.tables();
+        let mut v: Vec<Peer> = t.peers.values().map(to_pb).collect();
+        v.sort_by_key(|p| p.id);
+        v
+    }
+
+    /// The peer holding `name`, if any.
+    pub fn peer_named(&self, name: &str) -> Option<PeerId> {
+        self.tables().names.get(name).copied()
+    }
+
+    /// A snapshot followed by live events (subscribed before the snapshot is
+    /// taken, so nothing is lost in between).
+    pub fn watch(&self) -> (Vec<Peer>, broadcast::Receiver<PbEvent>) {
+        let rx = self.events.subscribe();
+        (self.list(), rx)
+    }
+
+    /// Resolves a `backchannel-peer` value (a name, else a numeric ID).
+    pub fn resolve(self: &Arc<Self>, target: &str) -> Result<Route, Status> {
+        let target = target.trim();
+        let by_name = self.peer_named(target);
+        let id = match by_name.or_else(|| target.parse::<u64>().ok()) {
+            Some(id) => id,
+            None => {
+                return Err(Status::not_found(format!(
+                    "no peer named '{target}' is connected to this hub"
+                )))
+            }
+        };
+        let label = match by_name {
+            Some(_) => format!("peer '{target}' (id {id})"),
+            None => format!("peer {id}"),
+        };
+        let channel = match self.registry.backchannel(id) {
+            // The router maps transport failures itself (naming the peer).
+            Ok(c) => c.into_inner(),
+            Err(_) if by_name.is_some() => {
+                return Err(Status::unavailable(format!("{label} is gone")))
+            }
+            Err(_) => {
+                return Err(Status::not_found(format!(
+                    "no peer with id {id} is connected to this hub"
+                )))
+            }
+        };
+        if let Some(info) = self.registry.get(id) {
+            self.joined(info); // idempotent: the join event may be on its way
+        }
+        let counters = self
+            .tables()
+            .peers
+            .get(&id)
+            .map(|e| e.counters.clone())
+            .ok_or_else(|| Status::unavailable(format!("{label} is gone")))?;
+        Ok(Route {
+            channel,
+            label,
+            observer: Arc::new(CallGuard::start(self.clone(), counters)),
+        })
+    }
+
+    /// Stops routing new calls (they get UNAVAILABLE).
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        self.idle.notify_waiters();
+    }
+
+    /// Whether the hub is shutting down.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Routed calls in flight, hub-wide.
+    pub fn calls_in_flight(&self) -> i64 {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Waits until no routed call is in flight.
+    pub async fn wait_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.calls_in_flight() <= 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+fn to_pb(e: &Entry) -> Peer {
+    let c = &e.counters;
+    Peer {
+        id: e.info.id,
+        name: e.name.clone(),
+        labels: e.labels.clone(),
+        remote_addr: e
+            .info
+            .remote_addr
+            .map(|a| a.to_string())
+            .unwrap_or_default(),
+        connected_since: Some(prost_types::Timestamp::from(e.info.connected_at)),
+        calls_in_flight: c.in_flight.load(Ordering::Relaxed),
+        calls_total: c.calls.load(Ordering::Relaxed),
+        bytes_to_peer: c.bytes_to_peer.load(Ordering::Relaxed),
+        bytes_from_peer: c.bytes_from_peer.load(Ordering::Relaxed),
+    }
+}
+
+/// Counts one routed call in the peer's counters and the hub's metrics.
+struct CallGuard {
+    state: Arc<HubState>,
+    counters: Arc<PeerCounters>,
+}
+
+impl CallGuard {
+    fn start(state: Arc<HubState>, counters: Arc<PeerCounters>) -> Self {
+        counters.in_flight.fetch_add(1, Ordering::Relaxed);
+        counters.calls.fetch_add(1, Ordering::Relaxed);
+        state.in_flight.fetch_add(1, Ordering::SeqCst);
+        state.metrics.streams_opened.fetch_add(1, Ordering::Relaxed);
+        CallGuard { state, counters }
+    }
+}
+
+impl CallObserver for CallGuard {
+    fn bytes_to_target(&self, n: u64) {
+        self.counters.bytes_to_peer.fetch_add(n, Ordering::Relaxed);
+        self.state
+            .metrics
+            .bytes_to_peers
+            .fetch_add(n, Ordering::Relaxed);
+    }
+    fn bytes_from_target(&self, n: u64) {
+        self.counters
+            .bytes_from_peer
+            .fetch_add(n, Ordering::Relaxed);
+        self.state
+            .metrics
+            .bytes_from_peers
+            .fetch_add(n, Ordering::Relaxed);
+    }
+    fn finished(&self, code: Option<Code>) {
+        self.state.metrics.call_finished(code);
+    }
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if self.state.in_flight.fetch_sub(1, Ordering::SeqCst) <= 1 {
+            self.state.idle.notify_waiters();
+        }
+    }
+}
