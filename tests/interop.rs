@@ -877,3 +877,73 @@ async fn go_server_killed_mid_forward_call() {
     assert!(client.is_closed());
     eprintln!("client closed {:?} after kill -9", t0.elapsed());
 }
+
+/// 4. Our sidecar agent -> a Go server (Gitaly-style: no name announcement
+/// RPC). The agent keeps serving, and the Go server reaches the service the
+/// agent exposes, through the agent's backchannel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecar_agent_to_go_server() {
+    use backchannel_cli::agent::{Agent, AgentConfig};
+    let Some(bin) = gopeer() else { return };
+    let mut go = GoPeer::spawn(&bin, "go-server", &["server", "--name", "go-hub"]);
+    let addr = go.listening().await;
+
+    // The private service only the agent can reach.
+    let private = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let private_addr = private.local_addr().unwrap().to_string();
+    let private_task = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(EchoServer::new(EchoService::new("private-behind-agent")))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(private)),
+    );
+
+    let agent = Agent::start(AgentConfig::new(addr.clone(), "edge", private_addr)).unwrap();
+    agent
+        .wait_sessions(1, Duration::from_secs(10))
+        .await
+        .expect("agent connects to the Go server");
+    let status = agent.status();
+    assert!(status.connected);
+    assert!(!status.announced, "a Go server has no announcement RPC: {status:?}");
+
+    // A plain client asks the Go server to call peer 1 (the agent) itself.
+    let plain = common::plain_channel(&addr).await;
+    for round in 0..3 {
+        let mut req = tonic::Request::new(CallMeBackRequest {
+            message: format!("through the agent {round}"),
+            count: 0,
+        });
+        req.metadata_mut().insert("target-peer", "1".parse().unwrap());
+        let r = CallbackClient::new(plain.clone())
+            .call_me_back(req)
+            .await
+            .expect("Go server reaches the exposed service through the agent")
+            .into_inner();
+        let reply = r.reply.unwrap();
+        assert_eq!(reply.server, "private-behind-agent");
+        assert_eq!(reply.message, format!("through the agent {round}"));
+    }
+    let mut req = tonic::Request::new(CallMeBackRequest {
+        message: "s".into(),
+        count: 4,
+    });
+    req.metadata_mut().insert("target-peer", "1".parse().unwrap());
+    let mut s = CallbackClient::new(plain)
+        .stream_me_back(req)
+        .await
+        .expect("streaming through the agent")
+        .into_inner();
+    let mut n = 0;
+    while let Some(m) = s.message().await.unwrap() {
+        assert_eq!(m.server, "private-behind-agent");
+        assert_eq!(m.message, format!("s-{n}"));
+        n += 1;
+    }
+    assert_eq!(n, 4);
+    assert!(agent.status().connected, "the agent is still serving");
+    assert_eq!(agent.status().sessions, 1, "no reconnects were needed");
+
+    agent.stop().await;
+    private_task.abort();
+    drop(go);
+}

@@ -20,6 +20,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 )
@@ -278,8 +279,18 @@ func (l *muxListener) Addr() net.Addr { return l.inner.Addr() }
 
 type callbackServer struct{ reg *registry }
 
+// backchannel returns the reverse channel of the calling peer or, when the call carries
+// metadata "target-peer: <id>", of that peer: the way a test (or an operator, with a plain
+// client) makes the server call a peer on its own, e.g. an agent that never calls it.
 func (s *callbackServer) backchannel(ctx context.Context) (uint64, *grpc.ClientConn, error) {
 	id, err := peerIDFrom(ctx)
+	if md, ok := metadata.FromIncomingContext(ctx); ok && len(md.Get("target-peer")) > 0 {
+		var target uint64
+		if _, perr := fmt.Sscanf(md.Get("target-peer")[0], "%d", &target); perr != nil {
+			return 0, nil, status.Errorf(codes.InvalidArgument, "bad target-peer: %v", perr)
+		}
+		id, err = target, nil
+	}
 	if err != nil {
 		return 0, nil, err
 	}
