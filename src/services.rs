@@ -137,18 +137,72 @@ pub fn pattern_byte(i: u64) -> u8 {
     (i % 251) as u8
 }
 
+const PATTERN_PERIOD: usize = 251;
+const PATTERN_SPAN: usize = 64 * 1024;
+
+/// The pattern from offset 0, long enough that any window of `PATTERN_SPAN`
+/// bytes starting at `offset % 251` is one slice.
+fn pattern_table() -> &'static [u8] {
+    static TABLE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        (0..PATTERN_SPAN + PATTERN_PERIOD)
+            .map(|i| pattern_byte(i as u64))
+            .collect()
+    })
+}
+
+/// Calls `f` with consecutive (destination range, pattern slice) pairs.
+fn for_pattern_chunks(
+    len: usize,
+    offset: u64,
+    mut f: impl FnMut(std::ops::Range<usize>, &[u8]) -> bool,
+) -> bool {
+    let table = pattern_table();
+    let mut done = 0;
+    while done < len {
+        let start = ((offset + done as u64) % PATTERN_PERIOD as u64) as usize;
+        let n = (len - done).min(PATTERN_SPAN);
+        if !f(done..done + n, &table[start..start + n]) {
+            return false;
+        }
+        done += n;
+    }
+    true
+}
+
 /// Fills `buf` with the pattern starting at stream offset `offset`.
 pub fn fill_pattern(buf: &mut [u8], offset: u64) {
-    for (k, b) in buf.iter_mut().enumerate() {
-        *b = pattern_byte(offset + k as u64);
-    }
+    for_pattern_chunks(buf.len(), offset, |r, p| {
+        buf[r].copy_from_slice(p);
+        true
+    });
 }
 
 /// Whether `buf` holds the pattern starting at `offset`.
 pub fn check_pattern(buf: &[u8], offset: u64) -> bool {
-    buf.iter()
-        .enumerate()
-        .all(|(k, &b)| b == pattern_byte(offset + k as u64))
+    for_pattern_chunks(buf.len(), offset, |r, p| buf[r] == *p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pattern_helpers_agree_with_the_definition() {
+        for (len, offset) in [(0usize, 0u64), (1, 250), (300, 7), (200_000, 123_456_789)] {
+            let mut buf = vec![0u8; len];
+            fill_pattern(&mut buf, offset);
+            assert!(buf
+                .iter()
+                .enumerate()
+                .all(|(k, &b)| b == pattern_byte(offset + k as u64)));
+            assert!(check_pattern(&buf, offset));
+            if len > 0 {
+                buf[len / 2] ^= 1;
+                assert!(!check_pattern(&buf, offset));
+            }
+        }
+    }
 }
 
 /// The benchmark service. `Upload` checks the byte pattern (INVALID_ARGUMENT
