@@ -61,6 +61,7 @@ pub async fn run() -> anyhow::Result<()> {
         .incoming(listener);
     let server = tokio::spawn(
         Server::builder()
+            .trace_fn(backchannel::request_span)
             .add_service(EchoServer::new(EchoService::new("server")))
             .add_service(CallbackServer::new(CallbackService {
                 registry: registry.clone(),

@@ -185,6 +185,7 @@ impl Hub {
             stop: Box::pin(stop_accepting.clone().cancelled_owned()),
         };
         let server = Server::builder()
+            .trace_fn(backchannel::request_span)
             .layer(routing::RouterLayer::new(state.clone()))
             .add_service(health_svc)
             .add_service(reflection)

@@ -40,7 +40,13 @@ impl Drop for TestServer {
 }
 
 pub async fn start_server(bind: Bind, mux: MuxConfig, session: SessionConfig) -> TestServer {
-    start_server_with(bind, mux, session, Server::builder()).await
+    start_server_with(
+        bind,
+        mux,
+        session,
+        Server::builder().trace_fn(backchannel::request_span),
+    )
+    .await
 }
 
 pub async fn start_server_with(

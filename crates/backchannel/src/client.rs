@@ -98,7 +98,8 @@ impl ClientBuilder {
     }
 
     /// Sets the tonic server that serves the backchannel (timeouts,
-    /// concurrency limits, layers...). Its TCP settings are ignored.
+    /// concurrency limits, layers...). Its TCP settings are ignored, and its
+    /// `trace_fn` is replaced by one whose span names the server and stream.
     pub fn server(mut self, server: Server) -> Self {
         self.server = server;
         self
@@ -175,7 +176,13 @@ impl ClientBuilder {
         let incoming =
             ReceiverStream::new(inbound).map(|s| Ok::<_, io::Error>(InboundConn::new(s)));
         let done = session.done_token();
-        let mut server = server;
+        // Every reverse call gets a span naming the server and the yamux stream
+        // (the client does not know the peer ID the server gave it).
+        let server_label = authority.to_string();
+        let mut server = server.trace_fn(move |req| {
+            let stream = req.extensions().get::<InboundInfo>().map(|i| i.stream_id);
+            info_span!("backchannel_reverse_call", server = %server_label, stream, path = req.uri().path())
+        });
         let router = server.add_routes(routes);
         tokio::spawn(
             async move {

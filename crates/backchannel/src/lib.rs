@@ -39,6 +39,7 @@ mod registry;
 mod server;
 mod session;
 mod stream;
+mod trace;
 
 pub use authority::AuthorityFix;
 pub use channel::PeerChannel;
@@ -48,6 +49,7 @@ pub use error::{Error, NotMultiplexed};
 pub use registry::{peer_id, PeerEvent, PeerId, PeerInfo, Registry};
 pub use server::ServerHandshaker;
 pub use stream::YamuxStream;
+pub use trace::request_span;
 
 /// The 11 bytes a client sends first: ASCII `backchannel`.
 pub const MAGIC: listenmux::Magic = *b"backchannel";
