@@ -616,3 +616,179 @@ async fn the_client_never_opens_a_second_stream() {
     assert!(!client.is_closed(), "the session itself is still up");
     server.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_client_certificates_and_peer_id_reach_the_connection_info() {
+    use futures::StreamExt;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = common::Pki::new(dir.path());
+    let server_cfg =
+        backchannel_cli::hub::tls::server_config(&pki.server_cert, &pki.server_key, Some(&pki.ca))
+            .unwrap();
+    let client_cfg = backchannel_cli::hub::tls::client_config(
+        &pki.ca,
+        Some((&pki.client_cert, &pki.client_key)),
+    )
+    .unwrap();
+    let registry = backchannel::Registry::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // The connections the gRPC server would get, taken directly.
+    let mut incoming = listenmux::ListenMux::new(MuxConfig::default())
+        .with_tls(tokio_rustls::TlsAcceptor::from(server_cfg))
+        .register(backchannel::ServerHandshaker::new(
+            registry,
+            SessionConfig::server(),
+        ))
+        .incoming(listener);
+
+    let connector = tokio_rustls::TlsConnector::from(client_cfg);
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let addr = format!("localhost:{port}");
+    let client = tokio::spawn({
+        let (connector, name, addr) = (connector.clone(), name.clone(), addr.clone());
+        async move {
+            ClientBuilder::new()
+                .tls(connector, name)
+                .connect_tcp(&addr, common::client_routes("cert-holder"))
+                .await
+        }
+    });
+    let conn = tokio::time::timeout(Duration::from_secs(10), incoming.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let info = conn.info();
+    assert_eq!(info.peer_id, Some(1));
+    assert!(info.tls);
+    assert_eq!(info.transport, listenmux::Transport::Tcp);
+    assert!(info.remote_addr.is_some());
+    assert_eq!(
+        info.peer_certificates.as_ref().map(|c| c.len()),
+        Some(1),
+        "client certificate chain"
+    );
+
+    // A plain TLS connection with the same certificate: no peer ID, same certs.
+    let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    let plain = tokio::time::timeout(Duration::from_secs(10), incoming.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(plain.info().peer_id, None);
+    assert!(plain.info().peer_certificates.is_some());
+    drop((conn, plain, client));
+}
+
+#[tokio::test]
+async fn a_handshaker_can_take_the_connection_over() {
+    use listenmux::{BoxFuture, BoxIo, ConnInfo, HandshakeError, Handshaked, Handshaker, Magic};
+    /// Answers "pong:<remote port known>" and keeps the connection to itself.
+    struct Pong;
+    impl Handshaker for Pong {
+        fn magic(&self) -> Magic {
+            *b"ping-ping-p"
+        }
+        fn handshake(
+            &self,
+            mut io: BoxIo,
+            info: ConnInfo,
+        ) -> BoxFuture<Result<Handshaked, HandshakeError>> {
+            Box::pin(async move {
+                let mut rest = [0u8; 4];
+                io.read_exact(&mut rest).await?;
+                io.write_all(
+                    format!(
+                        "pong {} {}",
+                        String::from_utf8_lossy(&rest),
+                        info.remote_addr.is_some()
+                    )
+                    .as_bytes(),
+                )
+                .await?;
+                io.shutdown().await?;
+                Ok(Handshaked::Dispatched)
+            })
+        }
+    }
+    let registry = backchannel::Registry::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let mux = listenmux::ListenMux::new(MuxConfig::default())
+        .register(backchannel::ServerHandshaker::new(
+            registry.clone(),
+            SessionConfig::server(),
+        ))
+        .register(Pong);
+    let stats = mux.stats();
+    let incoming = mux.incoming(listener);
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(backchannel_cli::pb::testing::echo_server::EchoServer::new(
+                backchannel_cli::services::EchoService::new("server"),
+            ))
+            .serve_with_incoming(incoming),
+    );
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    s.write_all(b"ping-ping-p1234").await.unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).await.unwrap();
+    assert_eq!(answer, "pong 1234 true");
+
+    // The other protocols on the port are unaffected.
+    let r = EchoClient::new(plain_channel(&addr).await)
+        .unary(echo("p"))
+        .await
+        .unwrap();
+    assert_eq!(r.get_ref().server, "server");
+    let client = ClientBuilder::new()
+        .connect_tcp(&addr, common::client_routes("c"))
+        .await
+        .unwrap();
+    let r = EchoClient::new(client.channel())
+        .unary(echo("m"))
+        .await
+        .unwrap();
+    assert_eq!(r.get_ref().server, "server");
+    let snap = stats.snapshot();
+    assert_eq!(
+        (snap.handshakes, snap.handshake_failures),
+        (2, 0),
+        "{snap:?}"
+    );
+    server.abort();
+}
+
+#[tokio::test]
+async fn a_flood_of_silent_connections_is_bounded_and_clearly_refused() {
+    let mux = MuxConfig {
+        sniff_timeout: Duration::from_secs(30),
+        max_pending: 4,
+    };
+    let server = start_server(Bind::Tcp, mux, SessionConfig::server()).await;
+    let mut silent = Vec::new();
+    for _ in 0..4 {
+        silent.push(tokio::net::TcpStream::connect(&server.addr).await.unwrap());
+    }
+    // Beyond the bound: closed at once (not after the 30 s sniff timeout).
+    for _ in 0..3 {
+        let extra = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+        let took = time_until_closed(extra).await;
+        assert!(took < Duration::from_secs(5), "{took:?}");
+    }
+    assert_eq!(server.stats.snapshot().rejected_overload, 3);
+    // The silent ones leave; their slots come back.
+    drop(silent);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.stats.snapshot().sniff_errors < 4 {
+        assert!(Instant::now() < deadline, "{:?}", server.stats.snapshot());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_healthy(&server).await;
+}

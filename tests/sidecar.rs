@@ -729,7 +729,7 @@ async fn agent_keeps_serving_against_a_server_without_registration() {
 #[tokio::test]
 async fn tls_hub_with_client_certificates() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new(dir.path());
+    let pki = common::Pki::new(dir.path());
     let hub = Hub::start(HubConfig {
         tls_cert: Some(pki.server_cert.clone()),
         tls_key: Some(pki.server_key.clone()),
@@ -771,49 +771,6 @@ async fn tls_hub_with_client_certificates() {
     assert_eq!(r.get_ref().message, "over tls");
     agent.stop().await;
     hub.shutdown().await;
-}
-
-/// A CA, a server certificate for `localhost` and a client certificate, as
-/// PEM files.
-struct Pki {
-    ca: std::path::PathBuf,
-    server_cert: std::path::PathBuf,
-    server_key: std::path::PathBuf,
-    client_cert: std::path::PathBuf,
-    client_key: std::path::PathBuf,
-}
-
-impl Pki {
-    fn new(dir: &std::path::Path) -> Pki {
-        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-        let issuer = Issuer::new(ca_params, ca_key);
-        let leaf = |name: &str| {
-            let key = KeyPair::generate().unwrap();
-            let cert = CertificateParams::new(vec![name.to_string()])
-                .unwrap()
-                .signed_by(&key, &issuer)
-                .unwrap();
-            (cert.pem(), key.serialize_pem())
-        };
-        let (sc, sk) = leaf("localhost");
-        let (cc, ck) = leaf("agent");
-        let w = |name: &str, data: &str| {
-            let p = dir.join(name);
-            std::fs::write(&p, data).unwrap();
-            p
-        };
-        Pki {
-            ca: w("ca.pem", &ca_cert.pem()),
-            server_cert: w("server.pem", &sc),
-            server_key: w("server.key", &sk),
-            client_cert: w("client.pem", &cc),
-            client_key: w("client.key", &ck),
-        }
-    }
 }
 
 // ---------------------------------------------------------------- the real binary

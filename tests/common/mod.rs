@@ -170,3 +170,46 @@ pub async fn wait_peers(registry: &Registry, n: usize) {
     .await
     .unwrap_or_else(|_| panic!("registry did not reach {n} peers (has {})", registry.len()));
 }
+
+/// A CA, a server certificate for `localhost` and a client certificate, as
+/// PEM files.
+pub struct Pki {
+    pub ca: std::path::PathBuf,
+    pub server_cert: std::path::PathBuf,
+    pub server_key: std::path::PathBuf,
+    pub client_cert: std::path::PathBuf,
+    pub client_key: std::path::PathBuf,
+}
+
+impl Pki {
+    pub fn new(dir: &std::path::Path) -> Pki {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let leaf = |name: &str| {
+            let key = KeyPair::generate().unwrap();
+            let cert = CertificateParams::new(vec![name.to_string()])
+                .unwrap()
+                .signed_by(&key, &issuer)
+                .unwrap();
+            (cert.pem(), key.serialize_pem())
+        };
+        let (sc, sk) = leaf("localhost");
+        let (cc, ck) = leaf("agent");
+        let w = |name: &str, data: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, data).unwrap();
+            p
+        };
+        Pki {
+            ca: w("ca.pem", &ca_cert.pem()),
+            server_cert: w("server.pem", &sc),
+            server_key: w("server.key", &sk),
+            client_cert: w("client.pem", &cc),
+            client_key: w("client.key", &ck),
+        }
+    }
+}
