@@ -904,7 +904,10 @@ async fn sidecar_agent_to_go_server() {
         .expect("agent connects to the Go server");
     let status = agent.status();
     assert!(status.connected);
-    assert!(!status.announced, "a Go server has no announcement RPC: {status:?}");
+    assert!(
+        !status.announced,
+        "a Go server has no announcement RPC: {status:?}"
+    );
 
     // A plain client asks the Go server to call peer 1 (the agent) itself.
     let plain = common::plain_channel(&addr).await;
@@ -913,7 +916,8 @@ async fn sidecar_agent_to_go_server() {
             message: format!("through the agent {round}"),
             count: 0,
         });
-        req.metadata_mut().insert("target-peer", "1".parse().unwrap());
+        req.metadata_mut()
+            .insert("target-peer", "1".parse().unwrap());
         let r = CallbackClient::new(plain.clone())
             .call_me_back(req)
             .await
@@ -927,7 +931,8 @@ async fn sidecar_agent_to_go_server() {
         message: "s".into(),
         count: 4,
     });
-    req.metadata_mut().insert("target-peer", "1".parse().unwrap());
+    req.metadata_mut()
+        .insert("target-peer", "1".parse().unwrap());
     let mut s = CallbackClient::new(plain)
         .stream_me_back(req)
         .await
