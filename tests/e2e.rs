@@ -792,3 +792,58 @@ async fn a_flood_of_silent_connections_is_bounded_and_clearly_refused() {
     }
     assert_healthy(&server).await;
 }
+
+#[tokio::test]
+async fn peers_beyond_the_limit_are_refused_and_counted() {
+    let registry = backchannel::Registry::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let mux = listenmux::ListenMux::new(MuxConfig::default()).register(
+        backchannel::ServerHandshaker::new(registry.clone(), SessionConfig::server())
+            .with_max_peers(2),
+    );
+    let stats = mux.stats();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(backchannel_cli::pb::testing::echo_server::EchoServer::new(
+                backchannel_cli::services::EchoService::new("server"),
+            ))
+            .serve_with_incoming(mux.incoming(listener)),
+    );
+    let a = ClientBuilder::new()
+        .connect_tcp(&addr, common::client_routes("a"))
+        .await
+        .unwrap();
+    let b = ClientBuilder::new()
+        .connect_tcp(&addr, common::client_routes("b"))
+        .await
+        .unwrap();
+    wait_peers(&registry, 2).await;
+    let refused = ClientBuilder::new()
+        .connect_tcp(&addr, common::client_routes("c"))
+        .await;
+    match refused {
+        Err(_) => {}
+        Ok(c) => {
+            // The handshake may race the refusal: then the session dies at once.
+            tokio::time::timeout(Duration::from_secs(5), c.closed())
+                .await
+                .expect("refused session ends");
+        }
+    }
+    assert_eq!(stats.snapshot().handshake_failures, 1);
+    assert_eq!(registry.len(), 2);
+    drop(a);
+    wait_peers(&registry, 1).await;
+    let c = ClientBuilder::new()
+        .connect_tcp(&addr, common::client_routes("c"))
+        .await
+        .unwrap();
+    let r = EchoClient::new(c.channel())
+        .unary(echo("room again"))
+        .await
+        .unwrap();
+    assert_eq!(r.get_ref().server, "server");
+    drop((b, c));
+    server.abort();
+}

@@ -1015,3 +1015,54 @@ async fn unix_sockets_for_the_hub_and_the_exposed_service() {
     assert!(!hub_sock.exists(), "the hub removes its socket on shutdown");
     svc.abort();
 }
+
+#[tokio::test]
+async fn announcements_are_validated_and_newest_session_keeps_the_name() {
+    use backchannel_cli::pb::hub::{registration_client::RegistrationClient, AnnounceRequest};
+    let hub = start_hub().await;
+    let addr = hub.addr.unwrap().to_string();
+    let a = backchannel::ClientBuilder::new()
+        .connect_tcp(&addr, tonic::service::Routes::default())
+        .await
+        .unwrap();
+    let b = backchannel::ClientBuilder::new()
+        .connect_tcp(&addr, tonic::service::Routes::default())
+        .await
+        .unwrap();
+    let announce = |c: &backchannel::Client, name: &str, labels: Vec<(String, String)>| {
+        let mut rc = RegistrationClient::new(c.channel());
+        let req = AnnounceRequest {
+            name: name.to_string(),
+            labels: labels.into_iter().collect(),
+        };
+        async move { rc.announce(req).await }
+    };
+    for bad in ["", "12", "has space", "ünïcode", &"x".repeat(254)] {
+        let err = announce(&a, bad, vec![]).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{bad:?}: {err:?}");
+    }
+    let many: Vec<_> = (0..33)
+        .map(|i| (format!("k{i}"), "v".to_string()))
+        .collect();
+    assert_eq!(
+        announce(&a, "ok", many).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    let huge = vec![("k".to_string(), "v".repeat(100_000))];
+    let err = announce(&a, "ok", huge).await.unwrap_err();
+    assert!(
+        matches!(
+            err.code(),
+            Code::InvalidArgument | Code::ResourceExhausted | Code::OutOfRange
+        ),
+        "{err:?}"
+    );
+
+    // b (the newer session) takes the name; a late announce by a is refused.
+    let rb = announce(&b, "svc", vec![]).await.unwrap().into_inner();
+    let err = announce(&a, "svc", vec![]).await.unwrap_err();
+    assert_eq!(err.code(), Code::Aborted, "{err:?}");
+    assert!(err.message().contains(&rb.peer_id.to_string()), "{err:?}");
+    assert!(!b.is_closed());
+    hub.shutdown().await;
+}

@@ -86,6 +86,9 @@ impl Agent {
     /// Starts the agent: it connects (and keeps reconnecting) in the
     /// background.
     pub fn start(cfg: AgentConfig) -> anyhow::Result<Agent> {
+        let labels: HashMap<String, String> = cfg.labels.iter().cloned().collect();
+        crate::hub::state::validate_announcement(&cfg.name, &labels)
+            .map_err(|s| anyhow::anyhow!("--name/--label: {}", s.message()))?;
         let expose = expose_channel(&cfg.expose)?;
         let tls = match &cfg.tls_ca {
             Some(ca) => {
@@ -195,7 +198,22 @@ async fn run_loop(
         match attempt {
             Ok(client) => {
                 let since = std::time::Instant::now();
-                let (peer_id, announced) = announce(&cfg, &client).await;
+                let (peer_id, announced) = match announce(&cfg, &client).await {
+                    Ok(a) => a,
+                    Err(status) => {
+                        // Connected but unnamed would leave callers with
+                        // NOT_FOUND for ever: start over with a new session.
+                        tracing::warn!(%status, retry_in = ?delay, "announcing to the hub failed; reconnecting");
+                        client.close();
+                        let jittered = delay.mul_f64(0.5 + fastrand::f64() * 0.5);
+                        tokio::select! {
+                            _ = tokio::time::sleep(jittered) => {}
+                            _ = stop.cancelled() => return,
+                        }
+                        delay = (delay * 2).min(cfg.backoff_max);
+                        continue;
+                    }
+                };
                 status.send_modify(|s| {
                     s.sessions += 1;
                     s.connected = true;
@@ -235,8 +253,12 @@ async fn run_loop(
 }
 
 /// Announces name and labels; a server without the Registration service
-/// (UNIMPLEMENTED) is fine: the backchannel works without a name.
-async fn announce(cfg: &AgentConfig, client: &Client) -> (Option<u64>, bool) {
+/// (UNIMPLEMENTED) is fine: the backchannel works without a name. Any other
+/// failure is returned, and the caller reconnects.
+async fn announce(
+    cfg: &AgentConfig,
+    client: &Client,
+) -> Result<(Option<u64>, bool), tonic::Status> {
     let labels: HashMap<String, String> = cfg.labels.iter().cloned().collect();
     let mut rc = RegistrationClient::new(client.channel());
     let mut req = tonic::Request::new(AnnounceRequest {
@@ -253,16 +275,13 @@ async fn announce(cfg: &AgentConfig, client: &Client) -> (Option<u64>, bool) {
                     "took the name over from an older session"
                 );
             }
-            (Some(r.peer_id), true)
+            Ok((Some(r.peer_id), true))
         }
         Err(s) if s.code() == tonic::Code::Unimplemented => {
             tracing::info!("the server has no backchannel.hub.v1.Registration; serving the backchannel unnamed");
-            (None, false)
+            Ok((None, false))
         }
-        Err(s) => {
-            tracing::warn!(status = %s, "announcing to the hub failed; serving the backchannel unnamed");
-            (None, false)
-        }
+        Err(s) => Err(s),
     }
 }
 
@@ -278,10 +297,18 @@ fn host_of(addr: &str) -> &str {
 
 /// A lazy channel to the exposed service: the agent starts even if the
 /// service is not up yet; calls then fail with UNAVAILABLE.
+/// HTTP/2 windows for the channel to the exposed service: a connection
+/// window well above the stream window, so one slow call cannot stall the
+/// others multiplexed on it.
+fn with_windows(ep: Endpoint) -> Endpoint {
+    ep.initial_stream_window_size(backchannel::H2_STREAM_WINDOW)
+        .initial_connection_window_size(backchannel::H2_CONNECTION_WINDOW)
+}
+
 pub fn expose_channel(expose: &str) -> anyhow::Result<Channel> {
     if let Some(path) = expose.strip_prefix("unix:") {
         let path = Arc::new(PathBuf::from(path));
-        let ep = Endpoint::from_static("http://localhost");
+        let ep = with_windows(Endpoint::from_static("http://localhost"));
         return Ok(ep.connect_with_connector_lazy(tower::service_fn(move |_| {
             let path = path.clone();
             async move {
@@ -297,7 +324,7 @@ pub fn expose_channel(expose: &str) -> anyhow::Result<Channel> {
     };
     let ep =
         Endpoint::from_shared(uri).with_context(|| format!("bad --expose address '{expose}'"))?;
-    Ok(ep.tcp_nodelay(true).connect_lazy())
+    Ok(with_windows(ep).tcp_nodelay(true).connect_lazy())
 }
 
 /// Completes on SIGINT or SIGTERM.
@@ -402,7 +429,8 @@ impl AgentArgs {
         cfg.tls_cert = self.tls_cert;
         cfg.tls_key = self.tls_key;
         cfg.tls_server_name = self.tls_server_name;
-        cfg.backoff_max = Duration::from_secs_f64(self.max_backoff.max(0.01));
+        cfg.backoff_max = Duration::try_from_secs_f64(self.max_backoff.max(0.01))
+            .map_err(|_| anyhow::anyhow!("--max-backoff must be a finite number of seconds"))?;
         Ok(cfg)
     }
 }

@@ -45,6 +45,8 @@ pub struct HubConfig {
     pub metrics: Option<String>,
     /// How long in-flight calls may run on shutdown.
     pub grace: Duration,
+    /// Most agents connected at once; further handshakes are refused.
+    pub max_peers: usize,
 }
 
 impl Default for HubConfig {
@@ -57,6 +59,7 @@ impl Default for HubConfig {
             client_ca: None,
             metrics: None,
             grace: Duration::from_secs(10),
+            max_peers: 10_000,
         }
     }
 }
@@ -109,10 +112,10 @@ impl Hub {
         let state = HubState::new(registry.clone(), metrics);
         let events = state.spawn_event_loop();
 
-        let mut mux = ListenMux::new(MuxConfig::default()).register(ServerHandshaker::new(
-            registry.clone(),
-            SessionConfig::server(),
-        ));
+        let mut mux = ListenMux::new(MuxConfig::default()).register(
+            ServerHandshaker::new(registry.clone(), SessionConfig::server())
+                .with_max_peers(cfg.max_peers),
+        );
         match (&cfg.tls_cert, &cfg.tls_key) {
             (Some(c), Some(k)) => {
                 let tls = tls::server_config(c, k, cfg.client_ca.as_deref())?;
@@ -186,12 +189,22 @@ impl Hub {
         };
         let server = Server::builder()
             .trace_fn(backchannel::request_span)
+            // Bounds per caller connection, and dead callers are noticed even
+            // when they hold streams open.
+            .max_concurrent_streams(Some(1024))
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            // A connection window well above the stream window: one slow
+            // call cannot stall the others sharing the connection.
+            .initial_stream_window_size(Some(backchannel::H2_STREAM_WINDOW))
+            .initial_connection_window_size(Some(backchannel::H2_CONNECTION_WINDOW))
             .layer(routing::RouterLayer::new(state.clone()))
             .add_service(health_svc)
             .add_service(reflection)
             .add_service(reflection_alpha)
             .add_service(PeersServer::new(api.clone()))
-            .add_service(RegistrationServer::new(api))
+            // Announcements are tiny; do not let one pin megabytes.
+            .add_service(RegistrationServer::new(api).max_decoding_message_size(64 * 1024))
             .serve_with_incoming_shutdown(incoming, stop_conns.clone().cancelled_owned());
 
         let grace = cfg.grace;
@@ -327,6 +340,9 @@ pub struct HubArgs {
     /// On SIGINT/SIGTERM, how long in-flight calls may take to finish.
     #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
     pub grace: f64,
+    /// Most agents connected at once; further agents are refused (and retry).
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    pub max_peers: usize,
 }
 
 impl HubArgs {
@@ -339,7 +355,10 @@ impl HubArgs {
             tls_key: self.tls_key,
             client_ca: self.client_ca,
             metrics: self.metrics,
-            grace: Duration::from_secs_f64(self.grace.max(0.0)),
+            max_peers: self.max_peers,
+            // `inf` (or anything too large) means "wait as long as it takes".
+            grace: Duration::try_from_secs_f64(self.grace.max(0.0))
+                .unwrap_or(Duration::from_secs(365 * 86400)),
         }
     }
 }

@@ -117,7 +117,10 @@ impl HubState {
     fn joined(&self, info: PeerInfo) {
         let event = {
             let mut t = self.tables();
-            if t.peers.contains_key(&info.id) {
+            // Re-check under our lock: a peer that left between the caller's
+            // lookup and here must not be re-added (its LEFT already ran).
+            // Lock order is tables -> registry; the registry never takes ours.
+            if t.peers.contains_key(&info.id) || self.registry.get(info.id).is_none() {
                 return;
             }
             self.metrics.sessions_opened.fetch_add(1, Ordering::Relaxed);
@@ -179,14 +182,7 @@ impl HubState {
         name: String,
         labels: HashMap<String, String>,
     ) -> Result<Option<PeerId>, Status> {
-        if name.is_empty() {
-            return Err(Status::invalid_argument("the name must not be empty"));
-        }
-        if name.parse::<u64>().is_ok() {
-            return Err(Status::invalid_argument(
-                "the name must not be a number (numbers address peers by ID)",
-            ));
-        }
+        validate_announcement(&name, &labels)?;
         // The join event may still be on its way to the event loop: record
         // the join now (idempotent), so watchers see JOINED before ANNOUNCED.
         match self.registry.get(id) {
@@ -197,6 +193,15 @@ impl HubState {
             let mut t = self.tables();
             if !t.peers.contains_key(&id) {
                 return Err(Status::unavailable(format!("peer {id} is gone")));
+            }
+            // Newest session wins: IDs only grow, so a late announce from an
+            // older session must not take the name back.
+            if let Some(&holder) = t.names.get(&name) {
+                if holder > id {
+                    return Err(Status::aborted(format!(
+                        "name '{name}' is held by a newer session (peer {holder})"
+                    )));
+                }
             }
             let replaced = t.names.insert(name.clone(), id).filter(|&old| old != id);
             let e = t.peers.get_mut(&id).expect("inserted above");
@@ -377,4 +382,48 @@ impl Drop for CallGuard {
             self.state.idle.notify_waiters();
         }
     }
+}
+
+/// Longest peer name, in bytes (a DNS name's limit).
+pub const MAX_NAME_LEN: usize = 253;
+/// Most labels a peer may announce.
+pub const MAX_LABELS: usize = 32;
+/// Longest label key and value, in bytes.
+pub const MAX_LABEL_KEY_LEN: usize = 63;
+/// Longest label value, in bytes.
+pub const MAX_LABEL_VALUE_LEN: usize = 256;
+
+/// Checks a name and labels from the network before the hub keeps them.
+pub fn validate_announcement(name: &str, labels: &HashMap<String, String>) -> Result<(), Status> {
+    if name.is_empty() || name.len() > MAX_NAME_LEN {
+        return Err(Status::invalid_argument(format!(
+            "the name must be 1 to {MAX_NAME_LEN} bytes"
+        )));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    {
+        return Err(Status::invalid_argument(
+            "the name may only contain ASCII letters, digits, '.', '_' and '-'",
+        ));
+    }
+    if name.parse::<u64>().is_ok() {
+        return Err(Status::invalid_argument(
+            "the name must not be a number (numbers address peers by ID)",
+        ));
+    }
+    if labels.len() > MAX_LABELS {
+        return Err(Status::invalid_argument(format!(
+            "at most {MAX_LABELS} labels"
+        )));
+    }
+    for (k, v) in labels {
+        if k.is_empty() || k.len() > MAX_LABEL_KEY_LEN || v.len() > MAX_LABEL_VALUE_LEN {
+            return Err(Status::invalid_argument(format!(
+                "label keys must be 1 to {MAX_LABEL_KEY_LEN} bytes and values at most {MAX_LABEL_VALUE_LEN}"
+            )));
+        }
+    }
+    Ok(())
 }

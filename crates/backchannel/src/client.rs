@@ -62,7 +62,9 @@ impl ClientBuilder {
         ClientBuilder {
             config: SessionConfig::client(),
             tls: None,
-            server: Server::builder(),
+            server: Server::builder()
+                .initial_stream_window_size(Some(crate::H2_STREAM_WINDOW))
+                .initial_connection_window_size(Some(crate::H2_CONNECTION_WINDOW)),
         }
     }
 
@@ -160,7 +162,9 @@ impl ClientBuilder {
         let slot = Arc::new(Mutex::new(Some(first)));
         let uri = format!("http://{authority}");
         let endpoint = Endpoint::from_shared(uri)
-            .unwrap_or_else(|_| Endpoint::from_static("http://localhost"));
+            .unwrap_or_else(|_| Endpoint::from_static("http://localhost"))
+            .initial_stream_window_size(crate::H2_STREAM_WINDOW)
+            .initial_connection_window_size(crate::H2_CONNECTION_WINDOW);
         let channel = tokio::time::timeout(
             timeout,
             endpoint.connect_with_connector(tower::service_fn(move |_uri| {

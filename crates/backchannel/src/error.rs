@@ -23,6 +23,9 @@ pub enum Error {
     /// The registry has no backchannel for this peer.
     #[error("no backchannel for peer {0}")]
     NoBackchannel(PeerId),
+    /// The server already has as many peers as it accepts.
+    #[error("peer limit of {0} reached")]
+    PeerLimit(usize),
     /// The request did not arrive over a multiplexed (backchannel) connection.
     #[error(transparent)]
     NotMultiplexed(#[from] NotMultiplexed),

@@ -51,5 +51,16 @@ pub use server::ServerHandshaker;
 pub use stream::YamuxStream;
 pub use trace::request_span;
 
+/// HTTP/2 stream window used on backchannel channels and servers (2 MiB).
+///
+/// Both directions multiplex many calls over one HTTP/2 connection; with
+/// hyper's defaults (connection window barely above one stream's) a single
+/// call whose reader stops can stall every other call. The connection window
+/// is therefore [`H2_CONNECTION_WINDOW`], 16 streams' worth.
+pub const H2_STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+
+/// HTTP/2 connection window used on backchannel channels and servers (32 MiB).
+pub const H2_CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
+
 /// The 11 bytes a client sends first: ASCII `backchannel`.
 pub const MAGIC: listenmux::Magic = *b"backchannel";

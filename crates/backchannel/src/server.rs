@@ -45,12 +45,30 @@ use crate::{
 pub struct ServerHandshaker {
     registry: Registry,
     config: SessionConfig,
+    max_peers: usize,
 }
 
 impl ServerHandshaker {
     /// Registers peers in `registry`, running sessions with `config`.
     pub fn new(registry: Registry, config: SessionConfig) -> Self {
-        ServerHandshaker { registry, config }
+        ServerHandshaker {
+            registry,
+            config,
+            max_peers: usize::MAX,
+        }
+    }
+
+    /// Refuses new peers (closing their connection) while `max` are
+    /// connected. Unlimited by default.
+    ///
+    /// ```
+    /// let h = backchannel::ServerHandshaker::new(backchannel::Registry::new(), backchannel::SessionConfig::server())
+    ///     .with_max_peers(10_000);
+    /// # drop(h);
+    /// ```
+    pub fn with_max_peers(mut self, max: usize) -> Self {
+        self.max_peers = max;
+        self
     }
 }
 
@@ -66,6 +84,12 @@ impl Handshaker for ServerHandshaker {
     ) -> BoxFuture<Result<Handshaked, HandshakeError>> {
         let registry = self.registry.clone();
         let config = self.config.clone();
+        if registry.len() >= self.max_peers {
+            let max = self.max_peers;
+            return Box::pin(async move {
+                Err(HandshakeError::Protocol(Box::new(Error::PeerLimit(max))))
+            });
+        }
         Box::pin(async move { accept_peer(io, info, registry, config).await })
     }
 }
@@ -139,13 +163,16 @@ fn reverse_channel(
     };
     let endpoint = Endpoint::from_shared(uri)
         .unwrap_or_else(|_| Endpoint::from_static("http://backchannel.local"));
-    endpoint.connect_with_connector_lazy(tower::service_fn(move |_uri| {
-        let session = session.clone();
-        async move {
-            let stream = session.open_stream().await?;
-            Ok::<_, Error>(TokioIo::new(stream))
-        }
-    }))
+    endpoint
+        .initial_stream_window_size(crate::H2_STREAM_WINDOW)
+        .initial_connection_window_size(crate::H2_CONNECTION_WINDOW)
+        .connect_with_connector_lazy(tower::service_fn(move |_uri| {
+            let session = session.clone();
+            async move {
+                let stream = session.open_stream().await?;
+                Ok::<_, Error>(TokioIo::new(stream))
+            }
+        }))
 }
 
 /// Stream 1 as the gRPC server's connection; when the server drops it, the
