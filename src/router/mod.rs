@@ -87,6 +87,15 @@ pub async fn forward(
 ) -> http::Response<Body> {
     let (mut parts, body) = req.into_parts();
     parts.headers.remove(PEER_HEADER);
+    // The next hop gets the time that is left, not the caller's original
+    // budget (gRPC's deadline propagation), in milliseconds, rounded up.
+    if let Some(at) = deadline {
+        let left = at.saturating_duration_since(Instant::now());
+        let ms = left.as_millis().max(1).min(99_999_999);
+        if let Ok(v) = HeaderValue::from_str(&format!("{ms}m")) {
+            parts.headers.insert("grpc-timeout", v);
+        }
+    }
     // Extensions belong to the incoming connection (ConnInfo...), not to the
     // outgoing request.
     parts.extensions = http::Extensions::new();
