@@ -21,9 +21,20 @@
 //!
 //! Upstream should let the session credit the send window directly (shared
 //! state), or register the waker in `poll_write`'s frame drain.
+//!
+//! # Coalesced writes
+//!
+//! h2 writes each HTTP/2 frame as (at least) two slices, the 9-byte header
+//! and the payload, through `poll_write_vectored`. tokio-yamux has no
+//! vectored write, so without help each slice becomes a yamux frame of its
+//! own (12-byte header, a channel hop and an allocation each). [`YamuxStream`]
+//! coalesces the slices of one vectored write (up to the send window, at most
+//! 1 MiB) into one yamux frame. `backchannel bench` measured it against the
+//! uncoalesced stream in one run: unary p50 1.21x -> 1.13x of plain tonic,
+//! 64 KiB uploads 0.60x -> 0.73x, 1 MiB downloads 0.73x -> 0.89x.
 
 use std::{
-    io,
+    io::{self, IoSlice},
     pin::Pin,
     sync::Arc,
     task::{Context, Poll, Wake, Waker},
@@ -55,7 +66,15 @@ pub struct YamuxStream {
     inner: StreamHandle,
     wakers: Arc<BothWakers>,
     waker: Waker,
+    coalesce: bool,
+    scratch: Vec<u8>,
 }
+
+/// Largest coalesced write (one yamux frame).
+const MAX_COALESCE: usize = 1024 * 1024;
+/// Scratch capacity kept between writes; larger buffers are freed, so idle
+/// streams do not hold on to memory.
+const KEEP_SCRATCH: usize = 64 * 1024;
 
 impl YamuxStream {
     pub(crate) fn new(inner: StreamHandle) -> Self {
@@ -65,7 +84,42 @@ impl YamuxStream {
             inner,
             wakers,
             waker,
+            coalesce: true,
+            scratch: Vec::new(),
         }
+    }
+
+    /// Turns coalescing of vectored writes on (the default) or off; off is
+    /// only useful to measure what it gains.
+    pub fn set_coalesce_writes(&mut self, on: bool) {
+        self.coalesce = on;
+    }
+
+    /// Writes `buf` (or a prefix of it) as one yamux data frame.
+    fn write_frame(&mut self, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let mut cx = Context::from_waker(&self.waker);
+        match Pin::new(&mut self.inner).poll_write(&mut cx, buf) {
+            Poll::Pending => {}
+            ready => return ready,
+        }
+        // Window exhausted: process queued frames and register on the frame
+        // channel, so a window update that arrives later wakes us.
+        let mut empty = ReadBuf::new(&mut []);
+        if let Poll::Ready(Err(e)) = self.inner.poll_peek(&mut cx, &mut empty) {
+            return Poll::Ready(Err(e));
+        }
+        if self.inner.send_window() > 0 {
+            return Pin::new(&mut self.inner).poll_write(&mut cx, buf);
+        }
+        if self.inner.state() == StreamState::RemoteClosing {
+            // tokio-yamux stops processing window updates once the peer has
+            // half-closed; waiting would hang forever.
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "peer half-closed the yamux stream and the send window is exhausted",
+            )));
+        }
+        Poll::Pending
     }
 
     /// The yamux stream ID (odd: opened by the client; even: by the server).
@@ -119,29 +173,41 @@ impl AsyncWrite for YamuxStream {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.wakers.write.register(cx.waker());
-        let mut cx = Context::from_waker(&this.waker);
-        match Pin::new(&mut this.inner).poll_write(&mut cx, buf) {
-            Poll::Pending => {}
-            ready => return ready,
+        this.write_frame(buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.wakers.write.register(cx.waker());
+        let mut nonempty = bufs.iter().filter(|b| !b.is_empty());
+        let first = nonempty.next().map_or(&[][..], |b| &b[..]);
+        if !this.coalesce || nonempty.next().is_none() {
+            return this.write_frame(first);
         }
-        // Window exhausted: process queued frames and register on the frame
-        // channel, so a window update that arrives later wakes us.
-        let mut empty = ReadBuf::new(&mut []);
-        if let Poll::Ready(Err(e)) = this.inner.poll_peek(&mut cx, &mut empty) {
-            return Poll::Ready(Err(e));
+        // One yamux frame for as many slices as the send window takes.
+        let limit = (this.inner.send_window() as usize).clamp(1, MAX_COALESCE);
+        let mut scratch = std::mem::take(&mut this.scratch);
+        scratch.clear();
+        for b in bufs {
+            let n = b.len().min(limit - scratch.len());
+            scratch.extend_from_slice(&b[..n]);
+            if scratch.len() == limit {
+                break;
+            }
         }
-        if this.inner.send_window() > 0 {
-            return Pin::new(&mut this.inner).poll_write(&mut cx, buf);
+        let r = this.write_frame(&scratch);
+        if scratch.capacity() <= KEEP_SCRATCH {
+            this.scratch = scratch;
         }
-        if this.inner.state() == StreamState::RemoteClosing {
-            // tokio-yamux stops processing window updates once the peer has
-            // half-closed; waiting would hang forever.
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "peer half-closed the yamux stream and the send window is exhausted",
-            )));
-        }
-        Poll::Pending
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.coalesce
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
