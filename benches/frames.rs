@@ -1,7 +1,7 @@
 //! The hot frame path: bytes through one yamux stream pair over an
 //! in-memory duplex. The server end is backchannel's `YamuxStream` (stream 1
 //! as the public `ServerHandshaker` hands it to tonic); the client end is a
-//! raw tokio-yamux stream with the same stall fix (`bench::yamux::RawStream`).
+//! tokio-yamux stream wrapped in backchannel's `YamuxStream`.
 //! The duplex alone is the baseline.
 //!
 //! `cargo bench --bench frames -- --warm-up-time 1 --measurement-time 3`
@@ -42,7 +42,7 @@ async fn pair() -> (yamux::RawStream, BoxIo) {
         yamux::spawn_session(c, yamux::config(4 << 20, 256), SessionType::Client);
     let stream = control.open_stream().await.expect("open stream 1");
     (
-        yamux::RawStream::new(stream, false),
+        yamux::raw_stream(stream, false),
         server.await.expect("server"),
     )
 }

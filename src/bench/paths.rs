@@ -56,11 +56,11 @@ pub async fn plain_server() -> anyhow::Result<(String, Task)> {
 
 /// A plain tonic channel to `addr`.
 pub async fn plain_channel(addr: &str) -> anyhow::Result<Channel> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+    Endpoint::from_shared(format!("http://{addr}"))?
         .tcp_nodelay(true)
         .connect()
         .await
-        .with_context(|| format!("connecting to {addr}"))?)
+        .with_context(|| format!("connecting to {addr}"))
 }
 
 /// Session settings for both roles, with `window` if given.
@@ -158,7 +158,7 @@ pub async fn hub_conn() -> anyhow::Result<(Conn, Vec<Keep>)> {
 }
 
 /// The prototype path: tonic over a raw tokio-yamux session (no listenmux,
-/// no backchannel crate), both ends [`RawStream`]s; `vectored` turns on the
+/// no handshake), both ends `YamuxStream`s; `vectored` turns on the
 /// coalescing of h2's header and payload slices into one yamux frame.
 pub async fn proto_channel(vectored: bool, window: u32) -> anyhow::Result<(Channel, Task)> {
     let l = TcpListener::bind("127.0.0.1:0").await?;
@@ -172,7 +172,10 @@ pub async fn proto_channel(vectored: bool, window: u32) -> anyhow::Result<(Chann
                 let Some(first) = streams.recv().await else {
                     return;
                 };
-                let conn = RawStream::new(first, vectored);
+                let conn = listenmux::Connection::new(
+                    Box::new(yamux::raw_stream(first, vectored)),
+                    listenmux::ConnInfo::default(),
+                );
                 let incoming = futures::stream::once(async move { Ok::<_, std::io::Error>(conn) })
                     .chain(futures::stream::pending());
                 let _ = Server::builder()
@@ -186,7 +189,7 @@ pub async fn proto_channel(vectored: bool, window: u32) -> anyhow::Result<(Chann
     tcp.set_nodelay(true)?;
     let (mut control, _inbound) =
         yamux::spawn_session(tcp, yamux::config(window, 1), SessionType::Client);
-    let stream = RawStream::new(control.open_stream().await?, vectored);
+    let stream = yamux::raw_stream(control.open_stream().await?, vectored);
     let slot = Arc::new(Mutex::new(Some(stream)));
     let ch = Endpoint::from_static("http://proto.local")
         .connect_with_connector(tower::service_fn(move |_| {
@@ -236,5 +239,5 @@ pub async fn yamux_pair(
         yamux::spawn_session(c, yamux::config(window, 256), SessionType::Client);
     let stream = control.open_stream().await?;
     let server_io = server_side.await??;
-    Ok((RawStream::new(stream, false), server_io, Vec::new()))
+    Ok((yamux::raw_stream(stream, false), server_io, Vec::new()))
 }
