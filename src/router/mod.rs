@@ -91,7 +91,7 @@ pub async fn forward(
     // budget (gRPC's deadline propagation), in milliseconds, rounded up.
     if let Some(at) = deadline {
         let left = at.saturating_duration_since(Instant::now());
-        let ms = left.as_millis().max(1).min(99_999_999);
+        let ms = left.as_millis().clamp(1, 99_999_999);
         if let Ok(v) = HeaderValue::from_str(&format!("{ms}m")) {
             parts.headers.insert("grpc-timeout", v);
         }

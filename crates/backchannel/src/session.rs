@@ -1,6 +1,6 @@
 //! Runs a yamux session in a task of its own.
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use futures::StreamExt;
 use listenmux::Io;
@@ -92,7 +92,6 @@ async fn drive<T: Io>(
     done: CancellationToken,
 ) {
     let _done = DoneOnDrop(done);
-    let inbound = Arc::new(inbound);
     loop {
         tokio::select! {
             _ = close.cancelled() => {

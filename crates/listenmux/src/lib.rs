@@ -231,7 +231,7 @@ impl ListenMux {
         let task = tokio::spawn(accept_loop(listener, self.inner, tx));
         Incoming {
             rx,
-            task: AbortOnDrop(task),
+            _accept_loop: AbortOnDrop(task),
         }
     }
 }
@@ -251,14 +251,14 @@ impl Drop for AbortOnDrop {
 /// counted in [`Stats`].
 pub struct Incoming {
     rx: mpsc::Receiver<Connection>,
-    task: AbortOnDrop,
+    /// Stops the accept loop (and closes the listener) when dropped.
+    _accept_loop: AbortOnDrop,
 }
 
 impl Stream for Incoming {
     type Item = Result<Connection, io::Error>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let _ = &self.task;
         self.rx.poll_recv(cx).map(|c| c.map(Ok))
     }
 }
