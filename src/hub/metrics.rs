@@ -143,18 +143,7 @@ pub fn render(state: &HubState, mux: &[Arc<Stats>]) -> String {
     );
     let s = mux
         .iter()
-        .fold(listenmux::StatsSnapshot::default(), |a, s| {
-            let b = s.snapshot();
-            listenmux::StatsSnapshot {
-                accepted: a.accepted + b.accepted,
-                plain: a.plain + b.plain,
-                handshakes: a.handshakes + b.handshakes,
-                handshake_failures: a.handshake_failures + b.handshake_failures,
-                sniff_timeouts: a.sniff_timeouts + b.sniff_timeouts,
-                sniff_errors: a.sniff_errors + b.sniff_errors,
-                rejected_overload: a.rejected_overload + b.rejected_overload,
-            }
-        });
+        .fold(listenmux::StatsSnapshot::default(), |a, s| a + s.snapshot());
     metric(
         "backchannel_hub_connections_total",
         "counter",
@@ -169,7 +158,10 @@ pub fn render(state: &HubState, mux: &[Arc<Stats>]) -> String {
         "counter",
         "Connections that failed before becoming a gRPC connection, by reason.",
         &[
-            ("reason=\"handshake\"", s.handshake_failures),
+            ("reason=\"handshake_timeout\"", s.handshake_timeouts),
+            ("reason=\"handshake_io\"", s.handshake_io_errors),
+            ("reason=\"handshake_protocol\"", s.handshake_protocol_errors),
+            ("reason=\"tls\"", s.tls_failures),
             ("reason=\"sniff_timeout\"", s.sniff_timeouts),
             ("reason=\"sniff_error\"", s.sniff_errors),
             ("reason=\"overload\"", s.rejected_overload),

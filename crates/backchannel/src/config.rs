@@ -14,6 +14,7 @@ use std::time::Duration;
 /// | `keepalive` | 15 s | 15 s | detects a silent peer without gRPC keepalive; hashicorp answers pings even with its own keepalive off |
 /// | `write_timeout` | 10 s | 10 s | yamux's safety valve for a connection that stops draining |
 /// | `handshake_timeout` | 10 s | 10 s | how long a client may take to open stream 1 (server), or the server to answer (client) |
+/// | `max_streams` | 1024 | 256 | server: reverse-channel streams it may open; client: each server-opened stream is an HTTP/2 connection with its own buffers, so a server is not allowed thousands |
 #[derive(Clone, Debug)]
 pub struct SessionConfig {
     /// Largest receive window per stream, in bytes (at least 256 KiB, the
@@ -61,6 +62,7 @@ impl SessionConfig {
     pub fn client() -> Self {
         SessionConfig {
             accept_backlog: 256,
+            max_streams: 256,
             ..Self::server()
         }
     }

@@ -335,7 +335,12 @@ async fn sniff_and_route(
             );
             return;
         }
-        Ok(Err(err)) => {
+        Ok(Err(SniffError::Tls(err))) => {
+            stats.inc(&stats.tls_failures);
+            debug!(error = %err, "closing connection: TLS handshake failed");
+            return;
+        }
+        Ok(Err(SniffError::Io(err))) => {
             stats.inc(&stats.sniff_errors);
             debug!(error = %err, "closing connection: failed before its first bytes");
             return;
@@ -359,6 +364,11 @@ async fn sniff_and_route(
                 Ok(Handshaked::Dispatched) => return,
                 Err(err) => {
                     stats.inc(&stats.handshake_failures);
+                    stats.inc(match err {
+                        HandshakeError::Timeout(_) => &stats.handshake_timeouts,
+                        HandshakeError::Io(_) => &stats.handshake_io_errors,
+                        HandshakeError::Protocol(_) => &stats.handshake_protocol_errors,
+                    });
                     warn!(error = %err, magic = %String::from_utf8_lossy(&buf), "handshake failed");
                     return;
                 }
@@ -371,11 +381,23 @@ async fn sniff_and_route(
     }
 }
 
-async fn sniff(io: BoxIo, mut info: ConnInfo, inner: &Inner) -> io::Result<Sniffed> {
+/// Why sniffing a connection failed.
+enum SniffError {
+    Tls(io::Error),
+    Io(io::Error),
+}
+
+impl From<io::Error> for SniffError {
+    fn from(e: io::Error) -> Self {
+        SniffError::Io(e)
+    }
+}
+
+async fn sniff(io: BoxIo, mut info: ConnInfo, inner: &Inner) -> Result<Sniffed, SniffError> {
     let mut io = match &inner.tls {
         None => io,
         Some(acceptor) => {
-            let tls = acceptor.accept(io).await?;
+            let tls = acceptor.accept(io).await.map_err(SniffError::Tls)?;
             info.tls = true;
             if let Some(certs) = tls.get_ref().1.peer_certificates() {
                 info.peer_certificates = Some(Arc::new(
@@ -404,10 +426,10 @@ async fn sniff(io: BoxIo, mut info: ConnInfo, inner: &Inner) -> io::Result<Sniff
         }
     }
     if len == 0 {
-        return Err(io::Error::new(
+        return Err(SniffError::Io(io::Error::new(
             io::ErrorKind::UnexpectedEof,
             "closed before sending anything",
-        ));
+        )));
     }
     Ok(Sniffed { io, info, buf, len })
 }

@@ -9,6 +9,10 @@ pub struct Stats {
     pub(crate) plain: AtomicU64,
     pub(crate) handshakes: AtomicU64,
     pub(crate) handshake_failures: AtomicU64,
+    pub(crate) handshake_timeouts: AtomicU64,
+    pub(crate) handshake_io_errors: AtomicU64,
+    pub(crate) handshake_protocol_errors: AtomicU64,
+    pub(crate) tls_failures: AtomicU64,
     pub(crate) sniff_timeouts: AtomicU64,
     pub(crate) sniff_errors: AtomicU64,
     pub(crate) rejected_overload: AtomicU64,
@@ -23,12 +27,20 @@ pub struct StatsSnapshot {
     pub plain: u64,
     /// Connections whose magic selected a handshaker.
     pub handshakes: u64,
-    /// Handshakes that failed.
+    /// Handshakes that failed (the sum of the three below).
     pub handshake_failures: u64,
+    /// Handshakes that failed because the peer was too slow.
+    pub handshake_timeouts: u64,
+    /// Handshakes that failed on reading or writing the connection.
+    pub handshake_io_errors: u64,
+    /// Handshakes that failed because the peer spoke the protocol wrongly
+    /// or was refused (for example a peer limit).
+    pub handshake_protocol_errors: u64,
+    /// Connections whose TLS handshake failed (not counted in `sniff_errors`).
+    pub tls_failures: u64,
     /// Connections closed because they sent nothing (or too little) in time.
     pub sniff_timeouts: u64,
-    /// Connections that failed or closed before their first bytes (including
-    /// failed TLS handshakes).
+    /// Connections that failed or closed before their first bytes.
     pub sniff_errors: u64,
     /// Connections closed at once because too many were being sniffed.
     pub rejected_overload: u64,
@@ -47,9 +59,39 @@ impl Stats {
             plain: r(&self.plain),
             handshakes: r(&self.handshakes),
             handshake_failures: r(&self.handshake_failures),
+            handshake_timeouts: r(&self.handshake_timeouts),
+            handshake_io_errors: r(&self.handshake_io_errors),
+            handshake_protocol_errors: r(&self.handshake_protocol_errors),
+            tls_failures: r(&self.tls_failures),
             sniff_timeouts: r(&self.sniff_timeouts),
             sniff_errors: r(&self.sniff_errors),
             rejected_overload: r(&self.rejected_overload),
+        }
+    }
+}
+
+/// Adds counters field by field (to total several muxes).
+///
+/// ```
+/// let a = listenmux::StatsSnapshot { accepted: 1, ..Default::default() };
+/// assert_eq!((a + a).accepted, 2);
+/// ```
+impl std::ops::Add for StatsSnapshot {
+    type Output = StatsSnapshot;
+
+    fn add(self, o: StatsSnapshot) -> StatsSnapshot {
+        StatsSnapshot {
+            accepted: self.accepted + o.accepted,
+            plain: self.plain + o.plain,
+            handshakes: self.handshakes + o.handshakes,
+            handshake_failures: self.handshake_failures + o.handshake_failures,
+            handshake_timeouts: self.handshake_timeouts + o.handshake_timeouts,
+            handshake_io_errors: self.handshake_io_errors + o.handshake_io_errors,
+            handshake_protocol_errors: self.handshake_protocol_errors + o.handshake_protocol_errors,
+            tls_failures: self.tls_failures + o.tls_failures,
+            sniff_timeouts: self.sniff_timeouts + o.sniff_timeouts,
+            sniff_errors: self.sniff_errors + o.sniff_errors,
+            rejected_overload: self.rejected_overload + o.rejected_overload,
         }
     }
 }
