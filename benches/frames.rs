@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use backchannel_cli::bench::{workload, yamux};
+use backchannel_cli::bench::yamux;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use listenmux::{BoxIo, Handshaked, Handshaker};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -75,7 +75,7 @@ fn frames(c: &mut Criterion) {
     let mut g = c.benchmark_group("frames");
     let mut buf = vec![0u8; 256 * 1024];
     for size in [1024usize, 16 * 1024, 64 * 1024] {
-        let msg = workload::pattern(0, size);
+        let msg = backchannel_cli::services::pattern(0, size);
         g.throughput(Throughput::Bytes(size as u64));
         let (mut client, mut server) = rt.block_on(pair());
         g.bench_with_input(BenchmarkId::new("yamux c->s", size), &size, |b, _| {

@@ -138,17 +138,32 @@ pub fn pattern_byte(i: u64) -> u8 {
 }
 
 const PATTERN_PERIOD: usize = 251;
-const PATTERN_SPAN: usize = 64 * 1024;
+/// Longest run of pattern bytes that is a zero-copy slice of the table.
+pub const PATTERN_MAX_SLICE: usize = 4 * 1024 * 1024;
 
-/// The pattern from offset 0, long enough that any window of `PATTERN_SPAN`
-/// bytes starting at `offset % 251` is one slice.
-fn pattern_table() -> &'static [u8] {
-    static TABLE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+/// Pattern bytes from offset 0, long enough that any run of up to
+/// [`PATTERN_MAX_SLICE`] bytes starting at `offset % 251` is one slice.
+fn pattern_table() -> &'static bytes::Bytes {
+    static TABLE: std::sync::OnceLock<bytes::Bytes> = std::sync::OnceLock::new();
     TABLE.get_or_init(|| {
-        (0..PATTERN_SPAN + PATTERN_PERIOD)
-            .map(|i| pattern_byte(i as u64))
-            .collect()
+        (0..(PATTERN_MAX_SLICE + PATTERN_PERIOD) as u64)
+            .map(pattern_byte)
+            .collect::<Vec<_>>()
+            .into()
     })
+}
+
+/// `n` pattern bytes starting at stream offset `offset`: a zero-copy slice of
+/// a shared table when `n` <= [`PATTERN_MAX_SLICE`].
+pub fn pattern(offset: u64, n: usize) -> bytes::Bytes {
+    if n <= PATTERN_MAX_SLICE {
+        let start = (offset % PATTERN_PERIOD as u64) as usize;
+        pattern_table().slice(start..start + n)
+    } else {
+        let mut v = vec![0u8; n];
+        fill_pattern(&mut v, offset);
+        v.into()
+    }
 }
 
 /// Calls `f` with consecutive (destination range, pattern slice) pairs.
@@ -161,7 +176,7 @@ fn for_pattern_chunks(
     let mut done = 0;
     while done < len {
         let start = ((offset + done as u64) % PATTERN_PERIOD as u64) as usize;
-        let n = (len - done).min(PATTERN_SPAN);
+        let n = (len - done).min(PATTERN_MAX_SLICE);
         if !f(done..done + n, &table[start..start + n]) {
             return false;
         }
@@ -178,7 +193,8 @@ pub fn fill_pattern(buf: &mut [u8], offset: u64) {
     });
 }
 
-/// Whether `buf` holds the pattern starting at `offset`.
+/// Whether `buf` holds the pattern starting at `offset` (memcmp against the
+/// table).
 pub fn check_pattern(buf: &[u8], offset: u64) -> bool {
     for_pattern_chunks(buf.len(), offset, |r, p| buf[r] == *p)
 }
@@ -189,7 +205,13 @@ mod tests {
 
     #[test]
     fn pattern_helpers_agree_with_the_definition() {
-        for (len, offset) in [(0usize, 0u64), (1, 250), (300, 7), (200_000, 123_456_789)] {
+        for (len, offset) in [
+            (0usize, 0u64),
+            (1, 250),
+            (300, 7),
+            (200_000, 123_456_789),
+            (5 << 20, 3),
+        ] {
             let mut buf = vec![0u8; len];
             fill_pattern(&mut buf, offset);
             assert!(buf
@@ -197,6 +219,7 @@ mod tests {
                 .enumerate()
                 .all(|(k, &b)| b == pattern_byte(offset + k as u64)));
             assert!(check_pattern(&buf, offset));
+            assert_eq!(pattern(offset, len), buf);
             if len > 0 {
                 buf[len / 2] ^= 1;
                 assert!(!check_pattern(&buf, offset));
@@ -206,7 +229,8 @@ mod tests {
 }
 
 /// The benchmark service. `Upload` checks the byte pattern (INVALID_ARGUMENT
-/// on mismatch); `Download` produces it.
+/// on mismatch); `Download` produces it as zero-copy slices of a shared
+/// table, so the service costs little CPU next to the transport measured.
 #[derive(Clone, Debug, Default)]
 pub struct BenchService;
 
@@ -254,9 +278,12 @@ impl Bench for BenchService {
                 return None;
             }
             let n = chunk.min(total - off) as usize;
-            let mut data = vec![0u8; n];
-            fill_pattern(&mut data, off);
-            Some((Ok(bench::Payload { data: data.into() }), off + n as u64))
+            Some((
+                Ok(bench::Payload {
+                    data: pattern(off, n),
+                }),
+                off + n as u64,
+            ))
         });
         Ok(Response::new(Box::pin(s)))
     }

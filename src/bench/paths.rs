@@ -18,7 +18,7 @@ use tonic::{
 };
 
 use super::{
-    workload::{self, Conn, FastBench},
+    workload::{self, Conn},
     yamux::{self, RawStream},
 };
 use crate::pb::bench::bench_server::BenchServer;
@@ -33,7 +33,7 @@ impl Drop for Task {
 }
 
 fn bench_routes() -> Routes {
-    Routes::new(BenchServer::new(FastBench))
+    Routes::new(BenchServer::new(crate::services::BenchService))
 }
 
 /// A plain tonic server (no listenmux) on loopback.
@@ -117,7 +117,7 @@ pub type Keep = Box<dyn std::any::Any + Send + Sync>;
 
 /// The hub-routed path: caller -> hub -> agent -> service. An in-process
 /// [`crate::hub::Hub`], an [`crate::agent::Agent`] that publishes a plain
-/// Bench server (FastBench) under the name `bench`, and a plain channel to
+/// Bench server (BenchService) under the name `bench`, and a plain channel to
 /// the hub whose requests carry `backchannel-peer: bench`. Its baseline is
 /// `forward` (issue 5 target: >= 0.6x).
 pub async fn hub_conn() -> anyhow::Result<(Conn, Vec<Keep>)> {

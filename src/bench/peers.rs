@@ -285,7 +285,7 @@ pub async fn run(a: &PeersArgs, quiet: bool) -> anyhow::Result<PeersResult> {
             chosen.push(id);
         }
     }
-    let payload = workload::pattern(0, 1024);
+    let payload = crate::services::pattern(0, 1024);
     let (mut cold, mut warm) = (new_histogram(), new_histogram());
     let mut clients = Vec::with_capacity(want);
     for &id in &chosen {

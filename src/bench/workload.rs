@@ -1,123 +1,22 @@
-//! The workloads (echo, upload, download over gRPC; a raw byte copy) and the
-//! in-process benchmark service they run against.
+//! The workloads (echo, upload, download over gRPC; a raw byte copy). They
+//! run against [`crate::services::BenchService`].
 
 use std::{
-    pin::Pin,
-    sync::{Arc, Mutex, OnceLock},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, ensure, Context as _};
-use bytes::Bytes;
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use hdrhistogram::Histogram;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tonic::{body::Body, transport::Channel, Request, Response, Status, Streaming};
+use tonic::{body::Body, transport::Channel, Status};
 
 use super::report::{new_histogram, record, Counters};
 use crate::{
-    pb::bench::{self, bench_client::BenchClient, bench_server::Bench},
-    services::pattern_byte,
+    pb::bench::{self, bench_client::BenchClient},
+    services::{check_pattern as is_pattern, pattern, PATTERN_MAX_SLICE},
 };
-
-/// Pattern bytes `0..TABLE_LEN` (see [`crate::services::pattern_byte`]); any
-/// run of up to [`MAX_SLICE`] pattern bytes is a zero-copy slice of it.
-const TABLE_LEN: usize = MAX_SLICE + 251;
-/// Longest zero-copy pattern slice.
-pub const MAX_SLICE: usize = 4 * 1024 * 1024;
-
-fn table() -> &'static Bytes {
-    static T: OnceLock<Bytes> = OnceLock::new();
-    T.get_or_init(|| {
-        (0..TABLE_LEN as u64)
-            .map(pattern_byte)
-            .collect::<Vec<_>>()
-            .into()
-    })
-}
-
-/// `n` pattern bytes starting at stream offset `off`.
-pub fn pattern(off: u64, n: usize) -> Bytes {
-    if n <= MAX_SLICE {
-        let start = (off % 251) as usize;
-        table().slice(start..start + n)
-    } else {
-        (0..n as u64)
-            .map(|k| pattern_byte(off + k))
-            .collect::<Vec<_>>()
-            .into()
-    }
-}
-
-/// Whether `data` is the pattern at `off` (memcmp against the table).
-pub fn is_pattern(data: &[u8], off: u64) -> bool {
-    let t = table();
-    let mut off = off;
-    data.chunks(MAX_SLICE).all(|c| {
-        let start = (off % 251) as usize;
-        off += c.len() as u64;
-        c == &t[start..start + c.len()]
-    })
-}
-
-type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
-
-/// `backchannel.bench.v1.Bench` with the semantics of
-/// [`crate::services::BenchService`] (same bytes on the wire, Upload checks
-/// the pattern) but produced and checked with slices and memcmp of a
-/// precomputed table, so the service costs little CPU next to the transport
-/// being measured.
-#[derive(Clone, Debug, Default)]
-pub struct FastBench;
-
-#[tonic::async_trait]
-impl Bench for FastBench {
-    async fn echo(
-        &self,
-        request: Request<bench::Payload>,
-    ) -> Result<Response<bench::Payload>, Status> {
-        Ok(Response::new(request.into_inner()))
-    }
-
-    async fn upload(
-        &self,
-        request: Request<Streaming<bench::Payload>>,
-    ) -> Result<Response<bench::Summary>, Status> {
-        let mut stream = request.into_inner();
-        let (mut bytes, mut messages) = (0u64, 0u64);
-        while let Some(p) = stream.message().await? {
-            if !is_pattern(&p.data, bytes) {
-                return Err(Status::invalid_argument(format!(
-                    "data mismatch in message {messages}"
-                )));
-            }
-            bytes += p.data.len() as u64;
-            messages += 1;
-        }
-        Ok(Response::new(bench::Summary { bytes, messages }))
-    }
-
-    type DownloadStream = BoxStream<bench::Payload>;
-
-    async fn download(
-        &self,
-        request: Request<bench::DownloadRequest>,
-    ) -> Result<Response<Self::DownloadStream>, Status> {
-        let r = request.into_inner();
-        if r.chunk_size == 0 {
-            return Err(Status::invalid_argument("chunk_size must be > 0"));
-        }
-        let (chunk, total) = (u64::from(r.chunk_size), r.bytes);
-        let s = futures::stream::iter((0..total.div_ceil(chunk)).map(move |i| {
-            let off = i * chunk;
-            let n = chunk.min(total - off) as usize;
-            Ok(bench::Payload {
-                data: pattern(off, n),
-            })
-        }));
-        Ok(Response::new(Box::pin(s)))
-    }
-}
 
 /// What one measured run produced.
 pub struct Run {
@@ -325,7 +224,7 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
     R: AsyncRead + Unpin,
 {
-    let chunk = chunk.clamp(1, MAX_SLICE) as u64;
+    let chunk = chunk.clamp(1, PATTERN_MAX_SLICE) as u64;
     let start = Instant::now();
     let writer = tokio::spawn(async move {
         let mut off = 0u64;
