@@ -5,16 +5,14 @@
 use std::{
     io,
     path::Path,
-    pin::Pin,
     sync::{Arc, Mutex},
-    task::{Context, Poll},
 };
 
 use futures::StreamExt;
 use hyper_util::rt::TokioIo;
 use listenmux::{BoxIo, Io};
 use rustls_pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::AsyncWriteExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_yamux::session::SessionType;
 use tonic::{
@@ -178,7 +176,7 @@ impl ClientBuilder {
         .map_err(|_| Error::HandshakeTimeout)??;
 
         let incoming =
-            ReceiverStream::new(inbound).map(|s| Ok::<_, io::Error>(InboundConn::new(s)));
+            ReceiverStream::new(inbound).map(|s| Ok::<_, io::Error>(AuthorityFix::new(s)));
         let done = session.done_token();
         // Every reverse call gets a span naming the server and the yamux stream
         // (the client does not know the peer ID the server gave it).
@@ -250,63 +248,11 @@ pub struct InboundInfo {
     pub stream_id: u32,
 }
 
-/// A server-opened stream, served by the client's backchannel service.
-struct InboundConn {
-    io: AuthorityFix<YamuxStream>,
-    id: u32,
-}
-
-impl InboundConn {
-    fn new(stream: YamuxStream) -> Self {
-        let id = stream.id();
-        InboundConn {
-            io: AuthorityFix::new(stream),
-            id,
-        }
-    }
-}
-
-impl Connected for InboundConn {
+impl Connected for AuthorityFix<YamuxStream> {
     type ConnectInfo = InboundInfo;
     fn connect_info(&self) -> InboundInfo {
-        InboundInfo { stream_id: self.id }
-    }
-}
-
-impl AsyncRead for InboundConn {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for InboundConn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+        InboundInfo {
+            stream_id: self.get_ref().id(),
+        }
     }
 }
