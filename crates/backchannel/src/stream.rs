@@ -37,7 +37,7 @@ use std::{
     io::{self, IoSlice},
     pin::Pin,
     sync::Arc,
-    task::{Context, Poll, Wake, Waker},
+    task::{ready, Context, Poll, Wake, Waker},
 };
 
 use futures::task::AtomicWaker;
@@ -95,21 +95,21 @@ impl YamuxStream {
         self.coalesce = on;
     }
 
-    /// Writes `buf` (or a prefix of it) as one yamux data frame.
-    fn write_frame(&mut self, buf: &[u8]) -> Poll<io::Result<usize>> {
-        let mut cx = Context::from_waker(&self.waker);
-        match Pin::new(&mut self.inner).poll_write(&mut cx, buf) {
-            Poll::Pending => {}
-            ready => return ready,
+    /// Ready when the stream has send window. When it has none, processes
+    /// queued frames (crediting window updates) and registers on the frame
+    /// channel, so a window update that arrives later wakes us: the part
+    /// tokio-yamux's own `poll_write` misses.
+    fn poll_send_window(&mut self) -> Poll<io::Result<()>> {
+        if self.inner.send_window() > 0 {
+            return Poll::Ready(Ok(()));
         }
-        // Window exhausted: process queued frames and register on the frame
-        // channel, so a window update that arrives later wakes us.
+        let mut cx = Context::from_waker(&self.waker);
         let mut empty = ReadBuf::new(&mut []);
         if let Poll::Ready(Err(e)) = self.inner.poll_peek(&mut cx, &mut empty) {
             return Poll::Ready(Err(e));
         }
         if self.inner.send_window() > 0 {
-            return Pin::new(&mut self.inner).poll_write(&mut cx, buf);
+            return Poll::Ready(Ok(()));
         }
         if self.inner.state() == StreamState::RemoteClosing {
             // tokio-yamux stops processing window updates once the peer has
@@ -120,6 +120,14 @@ impl YamuxStream {
             )));
         }
         Poll::Pending
+    }
+
+    /// Writes `buf` (or a prefix of it, up to the send window) as one yamux
+    /// data frame.
+    fn write_frame(&mut self, buf: &[u8]) -> Poll<io::Result<usize>> {
+        ready!(self.poll_send_window())?;
+        let mut cx = Context::from_waker(&self.waker);
+        Pin::new(&mut self.inner).poll_write(&mut cx, buf)
     }
 
     /// The yamux stream ID (odd: opened by the client; even: by the server).
@@ -188,8 +196,10 @@ impl AsyncWrite for YamuxStream {
         if !this.coalesce || nonempty.next().is_none() {
             return this.write_frame(first);
         }
-        // One yamux frame for as many slices as the send window takes.
-        let limit = (this.inner.send_window() as usize).clamp(1, MAX_COALESCE);
+        // One yamux frame for as many slices as the send window takes (only
+        // copied once there is window to send them).
+        ready!(this.poll_send_window())?;
+        let limit = (this.inner.send_window() as usize).min(MAX_COALESCE);
         let mut scratch = std::mem::take(&mut this.scratch);
         scratch.clear();
         for b in bufs {

@@ -35,15 +35,45 @@ async fn stream_pair() -> (StreamHandle, StreamHandle) {
 
 /// Writes TOTAL bytes from a write-only task; returns whether the reader got
 /// them all within `limit`.
-async fn transfer<W>(writer: W, mut reader: StreamHandle, limit: Duration) -> bool
+async fn transfer<W>(writer: W, reader: StreamHandle, limit: Duration) -> bool
+where
+    W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    transfer_with(writer, reader, limit, false).await
+}
+
+/// Like [`transfer`]; with `vectored`, writes as h2 does: a 9-byte header
+/// and a payload per `write_vectored` call.
+async fn transfer_with<W>(
+    writer: W,
+    mut reader: StreamHandle,
+    limit: Duration,
+    vectored: bool,
+) -> bool
 where
     W: tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let mut writer = writer;
     let task = tokio::spawn(async move {
-        let chunk = vec![1u8; 64 * 1024];
-        for _ in 0..TOTAL / chunk.len() {
-            writer.write_all(&chunk).await.unwrap();
+        let header = [9u8; 9];
+        let chunk = vec![1u8; 64 * 1024 - header.len()];
+        for _ in 0..TOTAL / (64 * 1024) {
+            if !vectored {
+                writer.write_all(&header).await.unwrap();
+                writer.write_all(&chunk).await.unwrap();
+                continue;
+            }
+            let (mut h, mut c) = (&header[..], &chunk[..]);
+            while !h.is_empty() || !c.is_empty() {
+                let n = writer
+                    .write_vectored(&[std::io::IoSlice::new(h), std::io::IoSlice::new(c)])
+                    .await
+                    .unwrap();
+                assert!(n > 0);
+                let from_h = n.min(h.len());
+                h = &h[from_h..];
+                c = &c[n - from_h..];
+            }
         }
     });
     let mut buf = vec![0u8; 32 * 1024];
@@ -75,6 +105,23 @@ async fn write_only_task_through_yamux_stream_does_not_stall() {
             )
             .await,
             "write-only task stalled"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coalesced_vectored_writes_do_not_stall_either() {
+    for _ in 0..5 {
+        let (writer, reader) = stream_pair().await;
+        assert!(
+            transfer_with(
+                backchannel::YamuxStream::from(writer),
+                reader,
+                Duration::from_secs(60),
+                true
+            )
+            .await,
+            "write-only task with vectored writes stalled"
         );
     }
 }
