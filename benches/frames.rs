@@ -1,8 +1,8 @@
 //! The hot frame path: bytes through one yamux stream pair over an
-//! in-memory duplex. The server end is backchannel's `YamuxStream` (stream 1
-//! as the public `ServerHandshaker` hands it to tonic); the client end is a
-//! tokio-yamux stream wrapped in backchannel's `YamuxStream`.
-//! The duplex alone is the baseline.
+//! in-memory duplex, for backchannel-yamux (the server end is stream 1 as
+//! the public `ServerHandshaker` hands it to tonic) and, as the "before",
+//! for tokio-yamux with the wrapper the library used. The duplex alone is
+//! the baseline. Also the frame header codec.
 //!
 //! `cargo bench --bench frames -- --warm-up-time 1 --measurement-time 3`
 
@@ -14,6 +14,8 @@ use listenmux::{BoxIo, Handshaked, Handshaker};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_yamux::session::SessionType;
 
+type Io = Box<dyn listenmux::Io>;
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -22,8 +24,8 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
-/// (client end, server end) of one yamux stream over a duplex.
-async fn pair() -> (yamux::RawStream, BoxIo) {
+/// (client end, server end) of one backchannel-yamux stream over a duplex.
+async fn pair() -> (Io, BoxIo) {
     let (c, s) = tokio::io::duplex(1 << 20);
     let server = tokio::spawn(async move {
         let hs = backchannel::ServerHandshaker::new(
@@ -38,13 +40,31 @@ async fn pair() -> (yamux::RawStream, BoxIo) {
             _ => panic!("server handshake failed"),
         }
     });
-    let (mut control, _inbound) =
+    let cfg = backchannel_yamux::Config {
+        max_stream_window: 4 << 20,
+        keepalive: None,
+        ..Default::default()
+    };
+    let (control, _incoming, conn) =
+        backchannel_yamux::session(c, cfg, backchannel_yamux::Mode::Client);
+    tokio::spawn(conn);
+    let stream = control.open_stream().expect("open stream 1");
+    (Box::new(stream), server.await.expect("server"))
+}
+
+/// The same with tokio-yamux at both ends (the previous transport).
+async fn tokio_yamux_pair() -> (Io, Io) {
+    let (c, s) = tokio::io::duplex(1 << 20);
+    let (_sc, mut inbound) =
+        yamux::spawn_session(s, yamux::config(4 << 20, 1), SessionType::Server);
+    let (mut control, _ci) =
         yamux::spawn_session(c, yamux::config(4 << 20, 256), SessionType::Client);
-    let stream = control.open_stream().await.expect("open stream 1");
-    (
-        yamux::raw_stream(stream, false),
-        server.await.expect("server"),
-    )
+    let mut client = yamux::TokioYamuxStream::new(control.open_stream().await.expect("open"));
+    client.write_all(b"x").await.expect("syn");
+    let mut server = yamux::TokioYamuxStream::new(inbound.recv().await.expect("accept"));
+    let mut x = [0u8; 1];
+    server.read_exact(&mut x).await.expect("syn byte");
+    (Box::new(client), Box::new(server))
 }
 
 /// Writes `n` messages of `msg.len()` bytes on `w` and reads them on `r`.
@@ -77,25 +97,37 @@ fn frames(c: &mut Criterion) {
     for size in [1024usize, 16 * 1024, 64 * 1024] {
         let msg = backchannel_cli::services::pattern(0, size);
         g.throughput(Throughput::Bytes(size as u64));
-        let (mut client, mut server) = rt.block_on(pair());
-        g.bench_with_input(BenchmarkId::new("yamux c->s", size), &size, |b, _| {
-            b.iter_custom(|iters| {
-                rt.block_on(async {
-                    let t = Instant::now();
-                    pump(&mut client, &mut server, &msg, iters, &mut buf).await;
-                    t.elapsed()
-                })
-            })
-        });
-        g.bench_with_input(BenchmarkId::new("yamux s->c", size), &size, |b, _| {
-            b.iter_custom(|iters| {
-                rt.block_on(async {
-                    let t = Instant::now();
-                    pump(&mut server, &mut client, &msg, iters, &mut buf).await;
-                    t.elapsed()
-                })
-            })
-        });
+        for (name, (mut client, mut server)) in [
+            ("yamux", rt.block_on(pair())),
+            ("tokio-yamux", rt.block_on(tokio_yamux_pair())),
+        ] {
+            g.bench_with_input(
+                BenchmarkId::new(format!("{name} c->s"), size),
+                &size,
+                |b, _| {
+                    b.iter_custom(|iters| {
+                        rt.block_on(async {
+                            let t = Instant::now();
+                            pump(&mut client, &mut server, &msg, iters, &mut buf).await;
+                            t.elapsed()
+                        })
+                    })
+                },
+            );
+            g.bench_with_input(
+                BenchmarkId::new(format!("{name} s->c"), size),
+                &size,
+                |b, _| {
+                    b.iter_custom(|iters| {
+                        rt.block_on(async {
+                            let t = Instant::now();
+                            pump(&mut server, &mut client, &msg, iters, &mut buf).await;
+                            t.elapsed()
+                        })
+                    })
+                },
+            );
+        }
         let (mut a, mut z) = tokio::io::duplex(1 << 20);
         g.bench_with_input(BenchmarkId::new("duplex", size), &size, |b, _| {
             b.iter_custom(|iters| {
@@ -110,12 +142,20 @@ fn frames(c: &mut Criterion) {
     g.finish();
 }
 
+fn header_codec(c: &mut Criterion) {
+    use backchannel_yamux::frame::{FrameType, Header};
+    let h = Header::new(FrameType::Data, 0, 1, 16 * 1024);
+    c.bench_function("yamux header encode+decode", |b| {
+        b.iter(|| Header::decode(&std::hint::black_box(h).encode()).expect("valid"))
+    });
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3))
         .sample_size(20);
-    targets = frames
+    targets = frames, header_codec
 }
 criterion_main!(benches);

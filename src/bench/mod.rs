@@ -9,8 +9,8 @@
 //! | `forward` | backchannel client -> server on yamux stream 1 (listenmux, handshake) |
 //! | `reverse` | server -> client through `Registry::backchannel` |
 //! | `hub` | caller -> hub -> agent -> service (in-process `hub::Hub` and `agent::Agent`) |
-//! | `proto-base` / `proto-vec` | tonic over a raw tokio-yamux session, without / with coalescing of h2's vectored writes (the prototype of a core change) |
-//! | `raw-tcp` / `raw-yamux` | the `copy` workload: bytes through one TCP socket / one yamux stream |
+//! | `tokio-yamux` | the "before": tonic over a bare tokio-yamux session with the stream wrapper the library used until it got its own yamux |
+//! | `raw-tcp` / `raw-yamux` / `raw-tokio-yamux` | the `copy` workload: bytes through one TCP socket / one backchannel-yamux stream / one tokio-yamux stream |
 
 pub mod chart;
 pub mod paths;
@@ -45,8 +45,8 @@ pub struct BenchArgs {
         default_value = "echo,upload,download,copy"
     )]
     workloads: Vec<String>,
-    /// gRPC paths to compare: plain, forward, reverse, hub, proto-base,
-    /// proto-vec ("all" for every one).
+    /// gRPC paths to compare: plain, forward, reverse, hub, tokio-yamux
+    /// ("all" for every one).
     #[arg(long, value_delimiter = ',', default_value = "plain,forward,reverse")]
     paths: Vec<String>,
     /// Echo payload size.
@@ -227,16 +227,9 @@ async fn smoke(mut a: BenchArgs) -> anyhow::Result<()> {
     a.workloads = ["echo", "upload", "download", "copy"]
         .map(String::from)
         .to_vec();
-    a.paths = [
-        "plain",
-        "forward",
-        "reverse",
-        "hub",
-        "proto-base",
-        "proto-vec",
-    ]
-    .map(String::from)
-    .to_vec();
+    a.paths = ["plain", "forward", "reverse", "hub", "tokio-yamux"]
+        .map(String::from)
+        .to_vec();
     let start = Instant::now();
     let records = run_local(&a, true).await?;
     let mut failed: Vec<String> = records
@@ -300,16 +293,9 @@ async fn setup(a: &BenchArgs) -> anyhow::Result<Env> {
     let window = server_cfg.max_stream_window;
     let mut want: Vec<String> = a.paths.iter().map(|p| p.trim().to_string()).collect();
     if want.iter().any(|p| p == "all") {
-        want = [
-            "plain",
-            "forward",
-            "reverse",
-            "hub",
-            "proto-base",
-            "proto-vec",
-        ]
-        .map(String::from)
-        .to_vec();
+        want = ["plain", "forward", "reverse", "hub", "tokio-yamux"]
+            .map(String::from)
+            .to_vec();
     }
     let mut env = Env {
         channels: Vec::new(),
@@ -361,14 +347,14 @@ async fn setup(a: &BenchArgs) -> anyhow::Result<Env> {
                 }
                 Err(e) => bail!("setting up the hub path: {e:#}"),
             },
-            "proto-base" | "proto-vec" => {
-                let (ch, task) = paths::proto_channel(p == "proto-vec", window).await?;
+            "tokio-yamux" => {
+                let (ch, task) = paths::tokio_yamux_channel(window).await?;
                 env._keep.push(task);
                 env.channels.push((p.clone(), conn(ch)));
             }
-            other => bail!(
-                "unknown path {other:?} (plain, forward, reverse, hub, proto-base, proto-vec, all)"
-            ),
+            other => {
+                bail!("unknown path {other:?} (plain, forward, reverse, hub, tokio-yamux, all)")
+            }
         }
     }
     if let Some((s, c)) = bc {
@@ -487,11 +473,9 @@ async fn run_local(a: &BenchArgs, quiet: bool) -> anyhow::Result<Vec<Record>> {
             });
         for up in [true, false] {
             for round in 1..=a.rounds {
-                let order: [&str; 2] = if round % 2 == 1 {
-                    ["raw-tcp", "raw-yamux"]
-                } else {
-                    ["raw-yamux", "raw-tcp"]
-                };
+                let mut order = ["raw-tcp", "raw-yamux", "raw-tokio-yamux"];
+                // Each path goes first in some round.
+                order.rotate_left((round - 1) % 3);
                 for path in order {
                     let r = copy_run(a, path, up, round, cfg.0.clone(), cfg.1, quiet).await;
                     if !quiet {
@@ -532,6 +516,13 @@ async fn copy_run(
         let cpu0 = sys::cpu_seconds();
         let run = if path == "raw-tcp" {
             let (c, s) = paths::tcp_pair().await?;
+            if up {
+                workload::copy(c, s, a.copy_total, chunk, counters).await?
+            } else {
+                workload::copy(s, c, a.copy_total, chunk, counters).await?
+            }
+        } else if path == "raw-tokio-yamux" {
+            let (c, s, _tasks) = paths::tokio_yamux_pair(window).await?;
             if up {
                 workload::copy(c, s, a.copy_total, chunk, counters).await?
             } else {

@@ -19,7 +19,7 @@ use tonic::{
 
 use super::{
     workload::{self, Conn},
-    yamux::{self, RawStream},
+    yamux::{self, TokioYamuxStream},
 };
 use crate::pb::bench::bench_server::BenchServer;
 
@@ -157,10 +157,10 @@ pub async fn hub_conn() -> anyhow::Result<(Conn, Vec<Keep>)> {
     ))
 }
 
-/// The prototype path: tonic over a raw tokio-yamux session (no listenmux,
-/// no handshake), both ends `YamuxStream`s; `vectored` turns on the
-/// coalescing of h2's header and payload slices into one yamux frame.
-pub async fn proto_channel(vectored: bool, window: u32) -> anyhow::Result<(Channel, Task)> {
+/// The `tokio-yamux` path, the "before": tonic over a bare tokio-yamux
+/// session (no listenmux, no handshake), both ends the stream wrapper the
+/// library used with tokio-yamux (stall fix, coalesced vectored writes).
+pub async fn tokio_yamux_channel(window: u32) -> anyhow::Result<(Channel, Task)> {
     let l = TcpListener::bind("127.0.0.1:0").await?;
     let addr = l.local_addr()?;
     let task = tokio::spawn(async move {
@@ -173,7 +173,7 @@ pub async fn proto_channel(vectored: bool, window: u32) -> anyhow::Result<(Chann
                     return;
                 };
                 let conn = listenmux::Connection::new(
-                    Box::new(yamux::raw_stream(first, vectored)),
+                    Box::new(TokioYamuxStream::new(first)),
                     listenmux::ConnInfo::default(),
                 );
                 let incoming = futures::stream::once(async move { Ok::<_, std::io::Error>(conn) })
@@ -189,9 +189,9 @@ pub async fn proto_channel(vectored: bool, window: u32) -> anyhow::Result<(Chann
     tcp.set_nodelay(true)?;
     let (mut control, _inbound) =
         yamux::spawn_session(tcp, yamux::config(window, 1), SessionType::Client);
-    let stream = yamux::raw_stream(control.open_stream().await?, vectored);
+    let stream = TokioYamuxStream::new(control.open_stream().await?);
     let slot = Arc::new(Mutex::new(Some(stream)));
-    let ch = Endpoint::from_static("http://proto.local")
+    let ch = Endpoint::from_static("http://tokio-yamux.local")
         .connect_with_connector(tower::service_fn(move |_| {
             let s = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
             async move {
@@ -214,13 +214,13 @@ pub async fn tcp_pair() -> anyhow::Result<(TcpStream, TcpStream)> {
     Ok((c, s))
 }
 
-/// One yamux stream over loopback TCP: the client end is a raw tokio-yamux
-/// stream ([`RawStream`]), the server end is what backchannel's public
-/// [`ServerHandshaker`] hands the gRPC server (its `YamuxStream`, stream 1).
+/// One yamux stream over loopback TCP: the client end is a bare
+/// backchannel-yamux client stream, the server end is what backchannel's
+/// public [`ServerHandshaker`] hands the gRPC server (stream 1).
 pub async fn yamux_pair(
     server: SessionConfig,
     window: u32,
-) -> anyhow::Result<(RawStream, listenmux::BoxIo, Vec<Task>)> {
+) -> anyhow::Result<(backchannel::YamuxStream, listenmux::BoxIo, Vec<Task>)> {
     let (mut c, s) = tcp_pair().await?;
     c.write_all(&backchannel::MAGIC).await?;
     let server_side = tokio::spawn(async move {
@@ -235,9 +235,40 @@ pub async fn yamux_pair(
             Err(e) => Err(anyhow!("server handshake: {e}")),
         }
     });
-    let (mut control, _inbound) =
-        yamux::spawn_session(c, yamux::config(window, 256), SessionType::Client);
-    let stream = control.open_stream().await?;
+    let cfg = backchannel_yamux::Config {
+        max_stream_window: window,
+        keepalive: None,
+        ..Default::default()
+    };
+    let (control, _inbound, conn) =
+        backchannel_yamux::session(c, cfg, backchannel_yamux::Mode::Client);
+    let driver = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let stream = control.open_stream()?;
     let server_io = server_side.await??;
-    Ok((yamux::raw_stream(stream, false), server_io, Vec::new()))
+    Ok((stream, server_io, vec![Task(driver)]))
+}
+
+/// The "before" of [`yamux_pair`]: one tokio-yamux stream over loopback TCP,
+/// both ends wrapped as the library used to.
+pub async fn tokio_yamux_pair(
+    window: u32,
+) -> anyhow::Result<(TokioYamuxStream, TokioYamuxStream, Vec<Task>)> {
+    let (c, s) = tcp_pair().await?;
+    let (_sc, mut inbound) = yamux::spawn_session(s, yamux::config(window, 1), SessionType::Server);
+    let (mut control, _ci) =
+        yamux::spawn_session(c, yamux::config(window, 256), SessionType::Client);
+    let mut client = TokioYamuxStream::new(control.open_stream().await?);
+    // tokio-yamux sends the SYN with the first data frame.
+    client.write_all(b"x").await?;
+    let mut server = TokioYamuxStream::new(
+        inbound
+            .recv()
+            .await
+            .ok_or_else(|| anyhow!("tokio-yamux server session ended"))?,
+    );
+    let mut x = [0u8; 1];
+    server.read_exact(&mut x).await?;
+    Ok((client, server, Vec::new()))
 }

@@ -166,7 +166,7 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
 pub fn baseline_of(path: &str) -> Option<&'static str> {
     match path {
         "plain" | "raw-tcp" | "remote-plain" | "remote-backchannel" => None,
-        "raw-yamux" => Some("raw-tcp"),
+        "raw-yamux" | "raw-tokio-yamux" => Some("raw-tcp"),
         "hub" => Some("forward"),
         _ => Some("plain"),
     }

@@ -8,13 +8,12 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+use backchannel_yamux::Mode;
 use futures::StreamExt;
 use hyper_util::rt::TokioIo;
 use listenmux::{BoxIo, Io};
 use rustls_pki_types::ServerName;
 use tokio::io::AsyncWriteExt;
-use tokio_stream::wrappers::ReceiverStream;
-use tokio_yamux::session::SessionType;
 use tonic::{
     service::Routes,
     transport::{server::Connected, Endpoint, Server},
@@ -153,9 +152,9 @@ impl ClientBuilder {
             .await
             .map_err(|_| Error::HandshakeTimeout)??;
 
-        let (session, inbound) = session::spawn(io, &config, SessionType::Client, span.clone());
+        let (session, inbound) = session::spawn(io, &config, Mode::Client, span.clone());
         let guard = Arc::new(CloseOnDrop(session.clone()));
-        let first = session.open_stream().await?;
+        let first = session.open_stream()?;
         debug_assert_eq!(first.id(), 1);
         let slot = Arc::new(Mutex::new(Some(first)));
         let uri = format!("http://{authority}");
@@ -175,8 +174,7 @@ impl ClientBuilder {
         .await
         .map_err(|_| Error::HandshakeTimeout)??;
 
-        let incoming =
-            ReceiverStream::new(inbound).map(|s| Ok::<_, io::Error>(AuthorityFix::new(s)));
+        let incoming = inbound.map(|s| Ok::<_, io::Error>(AuthorityFix::new(s)));
         let done = session.done_token();
         // Every reverse call gets a span naming the server and the yamux stream
         // (the client does not know the peer ID the server gave it).

@@ -12,6 +12,7 @@ use std::time::Duration;
 /// | `max_stream_window` | 4 MiB | 4 MiB | a 256 KiB window caps a stream at 256 KiB per round trip; 4 MiB keeps loopback streams at full speed while bounding what one stalled stream can buffer (Gitaly's server uses 16 MiB and saw memory balloon) |
 /// | `accept_backlog` | 1 | 256 | the server accepts exactly one client stream; the client accepts one stream per reverse connection |
 /// | `keepalive` | 15 s | 15 s | detects a silent peer without gRPC keepalive; hashicorp answers pings even with its own keepalive off |
+/// | `keepalive_timeout` | 30 s | 30 s | a ping unanswered this long ends the session |
 /// | `write_timeout` | 10 s | 10 s | yamux's safety valve for a connection that stops draining |
 /// | `handshake_timeout` | 10 s | 10 s | how long a client may take to open stream 1 (server), or the server to answer (client) |
 /// | `max_streams` | 1024 | 256 | server: reverse-channel streams it may open; client: each server-opened stream is an HTTP/2 connection with its own buffers, so a server is not allowed thousands |
@@ -22,9 +23,11 @@ pub struct SessionConfig {
     pub max_stream_window: u32,
     /// How many peer-opened streams may wait to be accepted.
     pub accept_backlog: usize,
-    /// Interval of yamux pings; `None` turns keepalive off. A peer that does
-    /// not answer for 30 s ends the session.
+    /// Interval of yamux pings; `None` turns keepalive off (the peer's pings
+    /// are still answered).
     pub keepalive: Option<Duration>,
+    /// A ping unanswered for this long ends the session.
+    pub keepalive_timeout: Duration,
     /// How long a write to the connection may block before the session is
     /// considered dead.
     pub write_timeout: Duration,
@@ -47,6 +50,7 @@ impl SessionConfig {
             max_stream_window: 4 * 1024 * 1024,
             accept_backlog: 1,
             keepalive: Some(Duration::from_secs(15)),
+            keepalive_timeout: Duration::from_secs(30),
             write_timeout: Duration::from_secs(10),
             max_streams: 1024,
             handshake_timeout: Duration::from_secs(10),
@@ -74,20 +78,18 @@ impl SessionConfig {
     /// assert_eq!(c.max_stream_window, 256 * 1024);
     /// ```
     pub fn with_window(mut self, bytes: u32) -> Self {
-        self.max_stream_window = bytes.max(tokio_yamux::config::INITIAL_STREAM_WINDOW);
+        self.max_stream_window = bytes.max(backchannel_yamux::frame::INITIAL_WINDOW);
         self
     }
 
-    pub(crate) fn yamux(&self) -> tokio_yamux::Config {
-        tokio_yamux::Config {
+    pub(crate) fn yamux(&self) -> backchannel_yamux::Config {
+        backchannel_yamux::Config {
+            max_stream_window: self.max_stream_window,
             accept_backlog: self.accept_backlog.max(1),
-            enable_keepalive: self.keepalive.is_some(),
-            keepalive_interval: self.keepalive.unwrap_or(Duration::from_secs(30)),
-            connection_write_timeout: self.write_timeout,
-            max_stream_count: self.max_streams.max(1),
-            max_stream_window_size: self
-                .max_stream_window
-                .max(tokio_yamux::config::INITIAL_STREAM_WINDOW),
+            max_streams: self.max_streams.max(1),
+            keepalive: self.keepalive,
+            keepalive_timeout: self.keepalive_timeout,
+            write_timeout: self.write_timeout,
         }
     }
 }

@@ -11,9 +11,9 @@ pub enum Error {
     /// The yamux session ended (or was closed).
     #[error("the backchannel session is closed")]
     SessionClosed,
-    /// A yamux-level failure.
-    #[error("yamux: {0}")]
-    Yamux(#[from] tokio_yamux::Error),
+    /// A yamux stream could not be opened.
+    #[error(transparent)]
+    Open(#[from] backchannel_yamux::OpenError),
     /// The peer did not complete the handshake in time.
     #[error("handshake timed out")]
     HandshakeTimeout,

@@ -8,12 +8,12 @@ use std::{
     time::SystemTime,
 };
 
+use backchannel_yamux::Mode;
 use hyper_util::rt::TokioIo;
 use listenmux::{
     BoxFuture, BoxIo, ConnInfo, Connection, HandshakeError, Handshaked, Handshaker, Magic,
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio_yamux::session::SessionType;
 use tonic::transport::Endpoint;
 use tracing::{info, info_span, Instrument};
 
@@ -102,9 +102,9 @@ async fn accept_peer(
 ) -> Result<Handshaked, HandshakeError> {
     let id = registry.next_id();
     let span = info_span!("backchannel_peer", peer_id = id, remote = ?info.remote_addr);
-    let (session, mut inbound) = session::spawn(io, &config, SessionType::Server, span.clone());
+    let (session, mut inbound) = session::spawn(io, &config, Mode::Server, span.clone());
     let guard = CloseOnDrop(session.clone());
-    let first = match tokio::time::timeout(config.handshake_timeout, inbound.recv()).await {
+    let first = match tokio::time::timeout(config.handshake_timeout, inbound.accept()).await {
         Ok(Some(stream)) => stream,
         Ok(None) => {
             return Err(HandshakeError::Io(io::Error::new(
@@ -169,7 +169,7 @@ fn reverse_channel(
         .connect_with_connector_lazy(tower::service_fn(move |_uri| {
             let session = session.clone();
             async move {
-                let stream = session.open_stream().await?;
+                let stream = session.open_stream()?;
                 Ok::<_, Error>(TokioIo::new(stream))
             }
         }))

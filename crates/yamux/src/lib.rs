@@ -1,0 +1,59 @@
+//! A yamux session for tokio, built for throughput and latency and
+//! interoperable with hashicorp/yamux (Go) and other implementations of
+//! [the yamux spec](https://github.com/hashicorp/yamux/blob/master/spec.md).
+//!
+//! # Design
+//! * **One task per session.** [`Connection`] is a future that owns the
+//!   transport: it reads and demultiplexes frames and writes everything the
+//!   streams queued. Spawn it (or poll it yourself).
+//! * **Shared state instead of channels.** Streams and the connection share
+//!   one lock. A stream's write copies its bytes, with their 12-byte header,
+//!   straight into the session's output buffer (one copy; vectored writes
+//!   become one frame), and the connection writes that buffer with one
+//!   syscall. Window updates credit the stream directly and wake it: no
+//!   frame channel, no missed wake-ups.
+//! * **Zero-copy receive.** The connection reads into one buffer and hands
+//!   each data frame to its stream as a `Bytes` slice of it; the stream's
+//!   `poll_read` copies it into the caller's buffer (one copy).
+//! * **Bounded memory.** A stream holds at most its receive window (a peer
+//!   that sends more breaks the protocol and the session ends with GoAway);
+//!   a stream writer waits while the output buffer is over a high-water
+//!   mark; the connection stops reading while a peer floods it with frames
+//!   that need answers (pings) faster than it reads ours; an idle session
+//!   frees its read and write buffers.
+//!
+//! # Example
+//! ```
+//! use backchannel_yamux::{Config, Mode, session};
+//! use tokio::io::{AsyncReadExt, AsyncWriteExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let (a, b) = tokio::io::duplex(64 * 1024);
+//! let (client, _client_in, client_conn) = session(a, Config::default(), Mode::Client);
+//! let (_server, mut server_in, server_conn) = session(b, Config::default(), Mode::Server);
+//! tokio::spawn(client_conn);
+//! tokio::spawn(server_conn);
+//!
+//! let mut out = client.open_stream()?;
+//! out.write_all(b"hello").await?;
+//! out.shutdown().await?;
+//!
+//! let mut inc = server_in.accept().await.expect("a stream");
+//! let mut got = String::new();
+//! inc.read_to_string(&mut got).await?;
+//! assert_eq!((inc.id(), got.as_str()), (1, "hello"));
+//! # Ok(()) }
+//! ```
+
+#![warn(missing_docs)]
+
+mod config;
+mod error;
+pub mod frame;
+mod session;
+mod stream;
+
+pub use config::{Config, Mode};
+pub use error::{OpenError, ProtocolViolation, SessionError};
+pub use session::{session, Connection, Control, Incoming};
+pub use stream::Stream;
