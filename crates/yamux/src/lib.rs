@@ -14,7 +14,9 @@
 //!   frame channel, no missed wake-ups.
 //! * **Zero-copy receive.** The connection reads into one buffer and hands
 //!   each data frame to its stream as a `Bytes` slice of it; the stream's
-//!   `poll_read` copies it into the caller's buffer (one copy).
+//!   `poll_read` copies it into the caller's buffer (one copy). Frames under
+//!   16 KiB are copied out instead, so that unread small frames do not keep
+//!   whole read buffers alive.
 //! * **Bounded memory.** A stream holds at most its receive window (a peer
 //!   that sends more breaks the protocol and the session ends with GoAway);
 //!   a stream writer waits while the output buffer is over a high-water

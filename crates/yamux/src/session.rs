@@ -12,7 +12,7 @@ use std::{
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::{
-    io::{AsyncRead, AsyncWrite},
+    io::{AsyncRead, AsyncWrite, ReadHalf},
     sync::mpsc,
     time::{Instant, Interval, MissedTickBehavior, Sleep},
 };
@@ -37,20 +37,136 @@ pub(crate) const MAX_DATA_FRAME: usize = 256 * 1024;
 const READ_CHUNK: usize = 64 * 1024;
 /// Below this much free space the read buffer grows before a read.
 const MIN_SPARE: usize = 4 * 1024;
+/// Data frames shorter than this are copied out of the read buffer, into
+/// the stream's `tail`, rather than sliced from it: an unread slice keeps
+/// the whole buffer it came from alive (up to `READ_CHUNK` plus the frame),
+/// and a queue entry per tiny frame would cost more than the frame. So a
+/// stream's memory stays within a small factor of its receive window
+/// whatever frame sizes the peer picks.
+const COPY_BELOW: usize = READ_CHUNK / 4;
 /// An idle session keeps an output buffer up to this size.
 const KEEP_OUT: usize = 4 * 1024;
 /// Reads (or writes) per poll before the driver yields to other tasks.
 const BUDGET: usize = 32;
 
 /// The state every handle of a session shares.
+///
+/// Lock order: a thread that holds `writer` may take `inner`, never the
+/// other way round, except with `try_lock` (a stream writing directly).
 pub(crate) struct Shared {
     inner: Mutex<Inner>,
+    writer: Mutex<Writer>,
     ended: CancellationToken,
 }
 
 impl Shared {
     pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_writer(&self) -> MutexGuard<'_, Writer> {
+        self.writer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// For a stream's write: the writer, if nobody holds it and nothing is
+    /// in flight, so a frame may go to the transport at once.
+    pub(crate) fn idle_writer(&self) -> Option<MutexGuard<'_, Writer>> {
+        let w = self.writer.try_lock().ok()?;
+        (w.io.is_some() && w.pos == w.buf.len() && !w.need_flush).then_some(w)
+    }
+}
+
+/// The transport's write half and the bytes being written.
+pub(crate) struct Writer {
+    io: Option<Pin<Box<dyn AsyncWrite + Send>>>,
+    /// Frames being written (swapped with `Inner::out`: two buffers that
+    /// keep their capacity, so steady traffic allocates nothing).
+    buf: BytesMut,
+    /// How much of `buf` is written.
+    pos: usize,
+    need_flush: bool,
+}
+
+impl Writer {
+    /// Writes one frame (header + the first `n` bytes of `bufs`) straight to
+    /// the transport, with the writing task's context. What the transport
+    /// does not take now is kept for the connection task, which must then
+    /// be woken (returns `true`).
+    pub(crate) fn write_direct(
+        &mut self,
+        cx: &mut Context<'_>,
+        header: [u8; HEADER_LEN],
+        bufs: &[std::io::IoSlice<'_>],
+        n: usize,
+    ) -> bool {
+        let Some(io) = self.io.as_mut() else {
+            return false;
+        };
+        let mut slices: [std::io::IoSlice<'_>; 8] = [std::io::IoSlice::new(&[]); 8];
+        slices[0] = std::io::IoSlice::new(&header);
+        let mut count = 1;
+        let mut left = n;
+        for b in bufs {
+            if left == 0 || count == slices.len() {
+                break;
+            }
+            let k = b.len().min(left);
+            slices[count] = std::io::IoSlice::new(&b[..k]);
+            count += 1;
+            left -= k;
+        }
+        // More slices than we pass: the rest goes through the buffer.
+        let total = HEADER_LEN + n;
+        let mut written = 0;
+        if left == 0 {
+            while written < total {
+                let mut skip = written;
+                let mut parts: [std::io::IoSlice<'_>; 8] = [std::io::IoSlice::new(&[]); 8];
+                let mut m = 0;
+                for s in &slices[..count] {
+                    if skip >= s.len() {
+                        skip -= s.len();
+                        continue;
+                    }
+                    parts[m] = std::io::IoSlice::new(&s[skip..]);
+                    skip = 0;
+                    m += 1;
+                }
+                match io.as_mut().poll_write_vectored(cx, &parts[..m]) {
+                    Poll::Ready(Ok(k)) if k > 0 => written += k,
+                    _ => break,
+                }
+            }
+        }
+        if written == total {
+            self.need_flush = true;
+            if let Poll::Ready(Ok(())) = io.as_mut().poll_flush(cx) {
+                self.need_flush = false;
+                return false;
+            }
+            return true;
+        }
+        // Keep the rest of the frame, in order, for the connection task
+        // (which also sees any error again).
+        self.buf.clear();
+        self.pos = 0;
+        let mut skip = written;
+        let whole = std::iter::once(&header[..]).chain(bufs.iter().map(|b| &b[..]));
+        let mut left = total;
+        for s in whole {
+            let s = &s[..s.len().min(left)];
+            left -= s.len();
+            if skip >= s.len() {
+                skip -= s.len();
+            } else {
+                self.buf.extend_from_slice(&s[skip..]);
+                skip = 0;
+            }
+            if left == 0 {
+                break;
+            }
+        }
+        true
     }
 }
 
@@ -67,6 +183,8 @@ pub(crate) struct Inner {
     pub(crate) out: BytesMut,
     /// The connection's task, when it waits for work.
     driver: Option<Waker>,
+    /// A stream left bytes in the writer for the connection task.
+    kick: bool,
     /// Stream writers waiting for `out` to drain below [`OUT_HIGH`].
     pub(crate) out_waiters: Vec<Waker>,
     close_requested: bool,
@@ -79,6 +197,13 @@ pub(crate) struct Inner {
 impl Inner {
     pub(crate) fn push(&mut self, h: Header) {
         h.put(&mut self.out);
+    }
+
+    /// Tells the connection task that the writer holds bytes for it; returns
+    /// its waker, to be woken after unlocking.
+    pub(crate) fn kick_driver(&mut self) -> Option<Waker> {
+        self.kick = true;
+        self.driver.take()
     }
 
     /// Takes the connection's waker, to be woken (after unlocking) because
@@ -115,8 +240,11 @@ impl Inner {
 /// Per-stream state.
 #[derive(Default)]
 pub(crate) struct StreamState {
-    /// Received data not yet read (slices of the connection's read buffer).
+    /// Received data not yet read: slices of the connection's read buffer,
+    /// then `tail`.
     pub(crate) recv: VecDeque<Bytes>,
+    /// Small frames' data, copied (see [`COPY_BELOW`]); newer than `recv`.
+    pub(crate) tail: BytesMut,
     pub(crate) recv_buffered: usize,
     /// How much more the peer may send before we credit it.
     pub(crate) recv_window: u32,
@@ -166,9 +294,16 @@ impl StreamState {
 /// ```
 pub fn session<T>(io: T, config: Config, mode: Mode) -> (Control, Incoming, Connection<T>)
 where
-    T: AsyncRead + AsyncWrite + Unpin,
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let (read, write) = tokio::io::split(io);
     let shared = Arc::new(Shared {
+        writer: Mutex::new(Writer {
+            io: Some(Box::pin(write)),
+            buf: BytesMut::new(),
+            pos: 0,
+            need_flush: false,
+        }),
         inner: Mutex::new(Inner {
             mode,
             window: config.window(),
@@ -181,6 +316,7 @@ where
             max_peer_id: 0,
             out: BytesMut::new(),
             driver: None,
+            kick: false,
             out_waiters: Vec::new(),
             close_requested: false,
             local_goaway: false,
@@ -196,14 +332,12 @@ where
         iv
     });
     let connection = Connection {
-        io,
+        io: read,
         shared: shared.clone(),
         accept: Some(tx),
         rbuf: BytesMut::new(),
         pending: None,
         skip: 0,
-        wbuf: Bytes::new(),
-        need_flush: false,
         paused: false,
         keepalive,
         keepalive_timeout: config.keepalive_timeout,
@@ -364,7 +498,7 @@ enum Next {
 /// GoAway, or to the [`SessionError`] that ended it.
 #[must_use = "the session does nothing unless its Connection is polled (spawn it)"]
 pub struct Connection<T> {
-    io: T,
+    io: ReadHalf<T>,
     shared: Arc<Shared>,
     accept: Option<mpsc::Sender<Stream>>,
     rbuf: BytesMut,
@@ -372,9 +506,6 @@ pub struct Connection<T> {
     pending: Option<Header>,
     /// Body bytes of a frame for a stream we no longer have.
     skip: usize,
-    /// Output being written.
-    wbuf: Bytes,
-    need_flush: bool,
     paused: bool,
     keepalive: Option<Interval>,
     keepalive_timeout: Duration,
@@ -396,7 +527,7 @@ impl<T> std::fmt::Debug for Connection<T> {
     }
 }
 
-impl<T: AsyncRead + AsyncWrite + Unpin> Future for Connection<T> {
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Future for Connection<T> {
     type Output = Result<(), SessionError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -445,6 +576,8 @@ impl<T> Connection<T> {
             }
             inner.streams.retain(|_, st| !st.detached);
         }
+        // Closes the transport (with the read half, dropped with `self`).
+        self.shared.lock_writer().io = None;
         // Outside the lock: dropping the sender may drop queued streams,
         // whose Drop takes the lock.
         self.accept = None;
@@ -455,7 +588,7 @@ impl<T> Connection<T> {
     }
 }
 
-impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<T> {
     fn drive(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), SessionError>> {
         let mut rounds = 0;
         loop {
@@ -486,11 +619,15 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
                     progress = true;
                 }
             }
-            progress |= self.poll_write_side(cx)?;
+            let (wrote, idle) = self.poll_write_side(cx)?;
+            progress |= wrote;
             if self.closing {
-                if self.wbuf.is_empty() && !self.need_flush && self.shared.lock().out.is_empty() {
+                if idle {
                     // Best effort: the peer sees the end either way.
-                    let _ = std::task::ready!(Pin::new(&mut self.io).poll_shutdown(cx));
+                    let mut w = self.shared.lock_writer();
+                    if let Some(io) = w.io.as_mut() {
+                        let _ = std::task::ready!(io.as_mut().poll_shutdown(cx));
+                    }
                     return Poll::Ready(Ok(()));
                 }
             } else {
@@ -500,7 +637,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
                 continue;
             }
             let mut inner = self.shared.lock();
-            let more = (self.wbuf.is_empty() && !inner.out.is_empty())
+            let more = (idle && !inner.out.is_empty())
+                || std::mem::take(&mut inner.kick)
                 || (inner.close_requested && !self.closing);
             if more {
                 continue;
@@ -533,49 +671,64 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
         }
     }
 
-    /// Writes queued output; `Ok(true)` if anything was written.
-    fn poll_write_side(&mut self, cx: &mut Context<'_>) -> Result<bool, SessionError> {
+    /// Writes queued output. Returns whether anything was written, and
+    /// whether everything is written and flushed.
+    fn poll_write_side(&mut self, cx: &mut Context<'_>) -> Result<(bool, bool), SessionError> {
         let mut progress = false;
+        let mut guard = self.shared.lock_writer();
+        let w = &mut *guard;
+        let Some(io) = w.io.as_mut() else {
+            return Ok((false, true));
+        };
         for _ in 0..BUDGET {
-            if self.wbuf.is_empty() {
+            if w.pos == w.buf.len() {
+                w.buf.clear();
+                w.pos = 0;
                 let mut inner = self.shared.lock();
                 if inner.out.is_empty() {
                     break;
                 }
-                self.wbuf = inner.out.split().freeze();
+                std::mem::swap(&mut inner.out, &mut w.buf);
                 self.wake.append(&mut inner.out_waiters);
                 drop(inner);
-                for w in self.wake.drain(..) {
-                    w.wake();
+                for waker in self.wake.drain(..) {
+                    waker.wake();
                 }
             }
-            match Pin::new(&mut self.io).poll_write(cx, &self.wbuf) {
+            match io.as_mut().poll_write(cx, &w.buf[w.pos..]) {
                 Poll::Ready(Ok(0)) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
                 Poll::Ready(Ok(n)) => {
-                    self.wbuf.advance(n);
-                    if self.wbuf.is_empty() {
-                        // Let the output buffer reclaim its memory.
-                        self.wbuf = Bytes::new();
-                    }
-                    self.need_flush = true;
+                    w.pos += n;
+                    w.need_flush = true;
                     self.write_deadline = None;
                     progress = true;
                 }
                 Poll::Ready(Err(e)) => return Err(e.into()),
                 Poll::Pending => {
+                    drop(guard);
                     self.poll_write_deadline(cx)?;
-                    return Ok(progress);
+                    return Ok((progress, false));
                 }
             }
         }
-        if self.wbuf.is_empty() && self.need_flush {
-            match Pin::new(&mut self.io).poll_flush(cx) {
-                Poll::Ready(Ok(())) => self.need_flush = false,
+        let written = w.pos == w.buf.len();
+        if written && w.need_flush {
+            match io.as_mut().poll_flush(cx) {
+                Poll::Ready(Ok(())) => w.need_flush = false,
                 Poll::Ready(Err(e)) => return Err(e.into()),
-                Poll::Pending => self.poll_write_deadline(cx)?,
+                Poll::Pending => {
+                    drop(guard);
+                    self.poll_write_deadline(cx)?;
+                    return Ok((progress, false));
+                }
             }
         }
-        Ok(progress)
+        if written && w.buf.capacity() > KEEP_OUT && !progress {
+            // Idle: give the buffer back.
+            w.buf = BytesMut::new();
+            w.pos = 0;
+        }
+        Ok((progress, written))
     }
 
     fn poll_write_deadline(&mut self, cx: &mut Context<'_>) -> Result<(), SessionError> {
@@ -641,19 +794,17 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
                 0,
                 GoAwayCode::ProtocolError as u32,
             ));
-            // Best effort: the connection is torn down right after.
-            if self.wbuf.is_empty() {
-                self.wbuf = inner.out.split().freeze();
-            }
         }
         self.paused = inner.out.len() >= OUT_PAUSE;
         drop(inner);
         for w in self.wake.drain(..) {
             w.wake();
         }
-        if result.is_err() && !self.wbuf.is_empty() {
+        if result.is_err() {
+            // Best effort, without waiting: the connection is torn down
+            // right after.
             let mut cx = Context::from_waker(Waker::noop());
-            let _ = Pin::new(&mut self.io).poll_write(&mut cx, &self.wbuf);
+            let _ = self.poll_write_side(&mut cx);
         }
         result
     }
@@ -700,13 +851,21 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
             }
             self.pending = None;
             self.rbuf.advance(HEADER_LEN);
-            let data = self.rbuf.split_to(len).freeze();
-            if let Some(st) = inner.streams.get_mut(&h.stream_id) {
-                if !st.reset {
+            match inner.streams.get_mut(&h.stream_id) {
+                Some(st) if !st.reset => {
+                    if len < COPY_BELOW {
+                        st.tail.extend_from_slice(&self.rbuf[..len]);
+                        self.rbuf.advance(len);
+                    } else {
+                        if !st.tail.is_empty() {
+                            st.recv.push_back(st.tail.split().freeze());
+                        }
+                        st.recv.push_back(self.rbuf.split_to(len).freeze());
+                    }
                     st.recv_buffered += len;
-                    st.recv.push_back(data);
                     self.wake.extend(st.read_waker.take());
                 }
+                _ => self.rbuf.advance(len),
             }
             self.apply_flags(inner, h.stream_id, h.flags);
         }
@@ -800,6 +959,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
         if flags & RST != 0 {
             st.reset = true;
             st.recv.clear();
+            st.tail = BytesMut::new();
             st.recv_buffered = 0;
             self.wake.extend(st.write_waker.take());
         }

@@ -75,9 +75,27 @@ impl Stream {
         }
         let n = total.min(st.send_window as usize).min(MAX_DATA_FRAME);
         st.send_window -= n as u32;
+        let header = Header::new(FrameType::Data, 0, self.id, n as u32);
+        if inner.out.is_empty() {
+            if let Some(mut writer) = self.shared.idle_writer() {
+                // Nothing queued, nothing in flight: straight to the
+                // transport, no copy and no hop to the connection task.
+                // Frames queued meanwhile wait for the writer lock we hold.
+                drop(guard);
+                let rest = writer.write_direct(cx, header.encode(), bufs, n);
+                drop(writer);
+                if rest {
+                    let driver = self.shared.lock().kick_driver();
+                    if let Some(w) = driver {
+                        w.wake();
+                    }
+                }
+                return Poll::Ready(Ok(n));
+            }
+        }
         let out = &mut inner.out;
         out.reserve(crate::frame::HEADER_LEN + n);
-        Header::new(FrameType::Data, 0, self.id, n as u32).put(out);
+        header.put(out);
         let mut left = n;
         for b in bufs {
             let k = b.len().min(left);
@@ -129,7 +147,7 @@ impl AsyncRead for Stream {
         let Some(st) = inner.streams.get_mut(&self.id) else {
             return Poll::Ready(Err(session_ended()));
         };
-        if !st.recv.is_empty() {
+        if st.recv_buffered > 0 {
             let mut n = 0;
             while buf.remaining() > 0 {
                 let Some(front) = st.recv.front_mut() else {
@@ -141,6 +159,12 @@ impl AsyncRead for Stream {
                 if front.is_empty() {
                     st.recv.pop_front();
                 }
+                n += k;
+            }
+            if st.recv.is_empty() && buf.remaining() > 0 {
+                let k = st.tail.len().min(buf.remaining());
+                buf.put_slice(&st.tail[..k]);
+                st.tail.advance(k);
                 n += k;
             }
             st.recv_buffered -= n;
@@ -237,6 +261,7 @@ impl Drop for Stream {
         }
         st.detached = true;
         st.recv.clear();
+        st.tail = bytes::BytesMut::new();
         st.recv_buffered = 0;
         st.read_waker = None;
         st.write_waker = None;
