@@ -33,17 +33,21 @@ pub(crate) const OUT_HIGH: usize = 512 * 1024;
 const OUT_PAUSE: usize = 2 * OUT_HIGH;
 /// Largest data frame we send.
 pub(crate) const MAX_DATA_FRAME: usize = 256 * 1024;
-/// Read size when no larger frame is expected.
-const READ_CHUNK: usize = 64 * 1024;
+/// Read sizes when no larger frame is expected: the size adapts between
+/// these, doubling when a read fills the buffer and halving when reads come
+/// back small, so bulk transfers make few syscalls and small calls do not
+/// allocate large buffers.
+const MIN_READ_CHUNK: usize = 16 * 1024;
+const MAX_READ_CHUNK: usize = 256 * 1024;
 /// Below this much free space the read buffer grows before a read.
 const MIN_SPARE: usize = 4 * 1024;
 /// Data frames shorter than this are copied out of the read buffer, into
 /// the stream's `tail`, rather than sliced from it: an unread slice keeps
-/// the whole buffer it came from alive (up to `READ_CHUNK` plus the frame),
+/// the whole buffer it came from alive (up to a read chunk plus the frame),
 /// and a queue entry per tiny frame would cost more than the frame. So a
 /// stream's memory stays within a small factor of its receive window
 /// whatever frame sizes the peer picks.
-const COPY_BELOW: usize = READ_CHUNK / 4;
+const COPY_BELOW: usize = 16 * 1024;
 /// An idle session keeps an output buffer up to this size.
 const KEEP_OUT: usize = 4 * 1024;
 /// Reads (or writes) per poll before the driver yields to other tasks.
@@ -339,6 +343,7 @@ where
         pending: None,
         skip: 0,
         paused: false,
+        read_chunk: MIN_READ_CHUNK,
         keepalive,
         keepalive_timeout: config.keepalive_timeout,
         ping: None,
@@ -507,6 +512,7 @@ pub struct Connection<T> {
     /// Body bytes of a frame for a stream we no longer have.
     skip: usize,
     paused: bool,
+    read_chunk: usize,
     keepalive: Option<Interval>,
     keepalive_timeout: Duration,
     ping: Option<(u32, Instant)>,
@@ -760,11 +766,17 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<T> {
                 .saturating_sub(self.rbuf.len());
             let spare = self.rbuf.capacity() - self.rbuf.len();
             if spare < need || spare < MIN_SPARE {
-                self.rbuf.reserve(need.max(READ_CHUNK));
+                self.rbuf.reserve(need.max(self.read_chunk));
             }
+            let spare = self.rbuf.capacity() - self.rbuf.len();
             match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf) {
                 Poll::Ready(Ok(0)) => return Err(SessionError::ClosedByPeer),
-                Poll::Ready(Ok(_)) => {
+                Poll::Ready(Ok(n)) => {
+                    if n == spare {
+                        self.read_chunk = (self.read_chunk * 2).min(MAX_READ_CHUNK);
+                    } else if n < self.read_chunk / 8 {
+                        self.read_chunk = (self.read_chunk / 2).max(MIN_READ_CHUNK);
+                    }
                     progress = true;
                     self.process()?;
                 }
