@@ -219,8 +219,8 @@ impl Inner {
     /// Whether stream `id` was ever opened, by either side.
     fn was_opened(&self, id: u32) -> bool {
         let ours = match self.mode {
-            Mode::Client => id % 2 == 1,
-            Mode::Server => id % 2 == 0,
+            Mode::Client => id & 1 == 1,
+            Mode::Server => id & 1 == 0,
         };
         id != 0
             && if ours {
@@ -889,10 +889,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<T> {
             FrameType::Ping => {
                 if h.flags & SYN != 0 {
                     inner.push(Header::new(FrameType::Ping, ACK, 0, h.length));
-                } else if h.flags & ACK != 0 {
-                    if matches!(self.ping, Some((p, _)) if p == h.length) {
-                        self.ping = None;
-                    }
+                } else if h.flags & ACK != 0
+                    && matches!(self.ping, Some((p, _)) if p == h.length)
+                {
+                    self.ping = None;
                 }
                 return Ok(Next::Done);
             }
@@ -982,8 +982,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<T> {
     /// A SYN: a stream the peer opens.
     fn incoming(&mut self, inner: &mut Inner, id: u32) -> Result<(), SessionError> {
         let theirs = match inner.mode {
-            Mode::Client => id % 2 == 0,
-            Mode::Server => id % 2 == 1,
+            Mode::Client => id & 1 == 0,
+            Mode::Server => id & 1 == 1,
         };
         if id == 0 || !theirs {
             return Err(SessionError::Protocol(ProtocolViolation::BadStreamId(id)));
