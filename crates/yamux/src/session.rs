@@ -48,6 +48,11 @@ const MIN_SPARE: usize = 4 * 1024;
 /// stream's memory stays within a small factor of its receive window
 /// whatever frame sizes the peer picks.
 const COPY_BELOW: usize = 16 * 1024;
+/// Once a stream has this much unread, its further frames are copied too
+/// (into its tail): a slow reader's slices would otherwise each pin a read
+/// buffer up to 16 times their size, so its memory is bounded by its window
+/// plus this times 16.
+const SLICE_LIMIT: usize = 256 * 1024;
 /// An idle session keeps an output buffer up to this size.
 const KEEP_OUT: usize = 4 * 1024;
 /// Reads (or writes) per poll before the driver yields to other tasks.
@@ -214,6 +219,11 @@ impl Inner {
     /// there is output.
     pub(crate) fn take_driver(&mut self) -> Option<Waker> {
         self.driver.take()
+    }
+
+    /// Whether `close()` was called: no more data frames are accepted.
+    pub(crate) fn closing(&self) -> bool {
+        self.close_requested
     }
 
     /// Whether stream `id` was ever opened, by either side.
@@ -865,7 +875,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<T> {
             self.rbuf.advance(HEADER_LEN);
             match inner.streams.get_mut(&h.stream_id) {
                 Some(st) if !st.reset => {
-                    if len < COPY_BELOW {
+                    if len < COPY_BELOW || st.recv_buffered >= SLICE_LIMIT {
                         st.tail.extend_from_slice(&self.rbuf[..len]);
                         self.rbuf.advance(len);
                     } else {
@@ -889,9 +899,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<T> {
             FrameType::Ping => {
                 if h.flags & SYN != 0 {
                     inner.push(Header::new(FrameType::Ping, ACK, 0, h.length));
-                } else if h.flags & ACK != 0
-                    && matches!(self.ping, Some((p, _)) if p == h.length)
-                {
+                } else if h.flags & ACK != 0 && matches!(self.ping, Some((p, _)) if p == h.length) {
                     self.ping = None;
                 }
                 return Ok(Next::Done);

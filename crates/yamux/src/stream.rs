@@ -51,6 +51,12 @@ impl Stream {
         if inner.dead {
             return Poll::Ready(Err(session_ended()));
         }
+        if inner.closing() {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the yamux session is closing",
+            )));
+        }
         let Some(st) = inner.streams.get_mut(&self.id) else {
             return Poll::Ready(Err(session_ended()));
         };
