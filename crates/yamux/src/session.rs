@@ -73,6 +73,22 @@ impl Shared {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// A handle is gone; the last one wakes the connection task, which
+    /// then closes the session.
+    pub(crate) fn release_handle(&self) {
+        let mut inner = self.lock();
+        inner.handles -= 1;
+        let driver = if inner.handles == 0 {
+            inner.take_driver()
+        } else {
+            None
+        };
+        drop(inner);
+        if let Some(w) = driver {
+            w.wake();
+        }
+    }
+
     fn lock_writer(&self) -> MutexGuard<'_, Writer> {
         self.writer.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -194,6 +210,9 @@ pub(crate) struct Inner {
     driver: Option<Waker>,
     /// A stream left bytes in the writer for the connection task.
     kick: bool,
+    /// Live handles (`Control`s, the `Incoming`, `Stream`s): when none is
+    /// left, nobody can use the session any more and it closes itself.
+    pub(crate) handles: usize,
     /// Stream writers waiting for `out` to drain below [`OUT_HIGH`].
     pub(crate) out_waiters: Vec<Waker>,
     close_requested: bool,
@@ -331,6 +350,7 @@ where
             out: BytesMut::new(),
             driver: None,
             kick: false,
+            handles: 2,
             out_waiters: Vec::new(),
             close_requested: false,
             local_goaway: false,
@@ -364,11 +384,16 @@ where
         finished: false,
         wake: Vec::new(),
     };
-    (Control { shared }, Incoming { rx }, connection)
+    (
+        Control {
+            shared: shared.clone(),
+        },
+        Incoming { rx, shared },
+        connection,
+    )
 }
 
 /// Opens streams and closes the session. Cheap to clone.
-#[derive(Clone)]
 pub struct Control {
     shared: Arc<Shared>,
 }
@@ -378,6 +403,21 @@ impl std::fmt::Debug for Control {
         f.debug_struct("Control")
             .field("closed", &self.is_closed())
             .finish()
+    }
+}
+
+impl Clone for Control {
+    fn clone(&self) -> Self {
+        self.shared.lock().handles += 1;
+        Control {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        self.shared.release_handle();
     }
 }
 
@@ -419,6 +459,7 @@ impl Control {
             id,
             window - INITIAL_WINDOW,
         ));
+        inner.handles += 1;
         let waker = inner.take_driver();
         drop(inner);
         if let Some(w) = waker {
@@ -472,9 +513,21 @@ impl Control {
 
 /// The streams the peer opens, in order. Dropping it makes the session
 /// reset every stream the peer opens later.
-#[derive(Debug)]
 pub struct Incoming {
     rx: mpsc::Receiver<Stream>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Incoming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Incoming").finish_non_exhaustive()
+    }
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        self.shared.release_handle();
+    }
 }
 
 impl Incoming {
@@ -653,6 +706,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<T> {
                 continue;
             }
             let mut inner = self.shared.lock();
+            if inner.handles == 0 && !inner.close_requested {
+                debug!("every handle of the yamux session is gone; closing it");
+                inner.close_requested = true;
+            }
             let more = (idle && !inner.out.is_empty())
                 || std::mem::take(&mut inner.kick)
                 || (inner.close_requested && !self.closing);
@@ -1028,6 +1085,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<T> {
             window - INITIAL_WINDOW,
         ));
         trace!(stream = id, "accepted stream");
+        inner.handles += 1;
         permit.send(Stream::new(self.shared.clone(), id));
         Ok(())
     }

@@ -255,6 +255,15 @@ impl AsyncWrite for Stream {
 
 impl Drop for Stream {
     fn drop(&mut self) {
+        self.release();
+        self.shared.release_handle();
+    }
+}
+
+impl Stream {
+    /// Half of `Drop`: FIN if not sent, and forget the stream once the peer
+    /// is done with it too.
+    fn release(&mut self) {
         let mut inner = self.shared.lock();
         let id = self.id;
         let dead = inner.dead;

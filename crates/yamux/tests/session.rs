@@ -474,7 +474,7 @@ async fn close_ends_both_sessions_cleanly() {
     let control = client.control.clone();
     control.close();
     control.close(); // idempotent
-    // Writes after close() fail rather than vanish.
+                     // Writes after close() fail rather than vanish.
     let err = a.write(b"late").await.unwrap_err();
     assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
     assert_eq!(
@@ -566,4 +566,33 @@ async fn keepalive_pings_between_our_sessions_keep_it_alive() {
     })
     .await;
     assert!(ended.is_err(), "{} session ended", ended.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_every_handle_closes_the_session() {
+    let (client, mut server) = our_pair(quiet(256 * KIB), quiet(256 * KIB)).await;
+    let Side {
+        control,
+        incoming,
+        mut conn,
+    } = client;
+    let mut a = control.open_stream().unwrap();
+    a.write_all(b"x").await.unwrap();
+    let mut b = within("accept", server.incoming.accept()).await.unwrap();
+    b.read_exact(&mut [0u8; 1]).await.unwrap();
+
+    // A stream still open keeps the session alive...
+    drop(control);
+    drop(incoming);
+    b.write_all(b"y").await.unwrap();
+    a.read_exact(&mut [0u8; 1]).await.unwrap();
+    assert!(!server.control.is_closed());
+
+    // ...and when the last handle goes, the session ends cleanly (GoAway,
+    // then EOF), and the peer sees it.
+    drop(a);
+    let r = within("client session ends", &mut conn).await.unwrap();
+    assert!(r.is_ok(), "{r:?}");
+    within("server sees the end", server.control.closed()).await;
+    assert!(server.result().await.is_ok(), "GoAway came first");
 }
