@@ -240,6 +240,21 @@ impl Inner {
         self.driver.take()
     }
 
+    /// Registers a stream that gets a handle, and queues its SYN (we open)
+    /// or ACK (we accept), announcing the window beyond the initial 256 KiB.
+    fn add_stream(&mut self, id: u32, flag: u16) {
+        let window = self.window;
+        self.streams
+            .insert(id, StreamState::new(INITIAL_WINDOW, window));
+        self.push(Header::new(
+            FrameType::WindowUpdate,
+            flag,
+            id,
+            window - INITIAL_WINDOW,
+        ));
+        self.handles += 1;
+    }
+
     /// Whether `close()` was called: no more data frames are accepted.
     pub(crate) fn closing(&self) -> bool {
         self.close_requested
@@ -449,17 +464,7 @@ impl Control {
         }
         let id = u32::try_from(inner.next_id).map_err(|_| OpenError::IdsExhausted)?;
         inner.next_id += 2;
-        let window = inner.window;
-        inner
-            .streams
-            .insert(id, StreamState::new(INITIAL_WINDOW, window));
-        inner.push(Header::new(
-            FrameType::WindowUpdate,
-            SYN,
-            id,
-            window - INITIAL_WINDOW,
-        ));
-        inner.handles += 1;
+        inner.add_stream(id, SYN);
         let waker = inner.take_driver();
         drop(inner);
         if let Some(w) = waker {
@@ -1074,18 +1079,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<T> {
             inner.push(Header::new(FrameType::WindowUpdate, RST, id, 0));
             return Ok(());
         };
-        let window = inner.window;
-        inner
-            .streams
-            .insert(id, StreamState::new(INITIAL_WINDOW, window));
-        inner.push(Header::new(
-            FrameType::WindowUpdate,
-            ACK,
-            id,
-            window - INITIAL_WINDOW,
-        ));
+        inner.add_stream(id, ACK);
         trace!(stream = id, "accepted stream");
-        inner.handles += 1;
         permit.send(Stream::new(self.shared.clone(), id));
         Ok(())
     }
