@@ -48,16 +48,6 @@ const MIN_SPARE: usize = 4 * 1024;
 /// stream's memory stays within a small factor of its receive window
 /// whatever frame sizes the peer picks.
 const COPY_BELOW: usize = 16 * 1024;
-/// Once a stream has half its window unread (its reader is stalled, not
-/// just behind), its further frames are copied too, into its tail: a stalled
-/// reader's slices would otherwise each pin a read buffer up to 16 times
-/// their size. So a stalled stream holds at most about its window plus 8
-/// times half of it, whatever the peer does. (A limit of 256 KiB cost 10%
-/// of download throughput and doubled peak memory in `backchannel bench`:
-/// a busy h2 reader is often that far behind.)
-fn slice_limit(window: u32) -> usize {
-    window as usize / 2
-}
 /// An idle session keeps an output buffer up to this size.
 const KEEP_OUT: usize = 4 * 1024;
 /// Reads (or writes) per poll before the driver yields to other tasks.
@@ -940,10 +930,15 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<T> {
             }
             self.pending = None;
             self.rbuf.advance(HEADER_LEN);
-            let limit = slice_limit(inner.window);
             match inner.streams.get_mut(&h.stream_id) {
                 Some(st) if !st.reset => {
-                    if len < COPY_BELOW || st.recv_buffered >= limit {
+                    // Larger frames stay slices of the read buffer. With one
+                    // busy stream its slices share and release buffers in
+                    // order; a stalled stream among busy ones can pin up to
+                    // ~17 times its window (256 KiB buffers behind 16 KiB
+                    // frames). Copying earlier cost 10-25% of throughput,
+                    // because a busy reader is often far behind.
+                    if len < COPY_BELOW {
                         st.tail.extend_from_slice(&self.rbuf[..len]);
                         self.rbuf.advance(len);
                     } else {
