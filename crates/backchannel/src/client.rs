@@ -175,7 +175,7 @@ impl ClientBuilder {
         .map_err(|_| Error::HandshakeTimeout)??;
 
         let incoming = inbound.map(|s| Ok::<_, io::Error>(AuthorityFix::new(s)));
-        let done = session.done_token();
+        let done = session.closed_owned();
         // Every reverse call gets a span naming the server and the yamux stream
         // (the client does not know the peer ID the server gave it).
         let server_label = authority.to_string();
@@ -186,10 +186,7 @@ impl ClientBuilder {
         let router = server.add_routes(routes);
         tokio::spawn(
             async move {
-                if let Err(err) = router
-                    .serve_with_incoming_shutdown(incoming, done.cancelled_owned())
-                    .await
-                {
+                if let Err(err) = router.serve_with_incoming_shutdown(incoming, done).await {
                     debug!(error = %err, "backchannel server ended");
                 }
             }

@@ -131,10 +131,10 @@ async fn accept_peer(
         session.clone(),
     );
     let reg = registry.clone();
-    let done = session.done_token();
+    let done = session.closed_owned();
     tokio::spawn(
         async move {
-            done.cancelled().await;
+            done.await;
             reg.remove(id);
             info!("peer disconnected");
         }

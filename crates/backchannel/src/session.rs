@@ -2,8 +2,7 @@
 
 use backchannel_yamux::{Control, Incoming, Mode};
 use listenmux::Io;
-use tokio_util::sync::CancellationToken;
-use tracing::{debug, Instrument, Span};
+use tracing::{Instrument, Span};
 
 use crate::{config::SessionConfig, stream::YamuxStream, Error};
 
@@ -12,7 +11,6 @@ use crate::{config::SessionConfig, stream::YamuxStream, Error};
 #[derive(Clone)]
 pub(crate) struct SessionHandle {
     control: Control,
-    done: CancellationToken,
 }
 
 impl SessionHandle {
@@ -29,16 +27,18 @@ impl SessionHandle {
 
     /// Whether the session has ended.
     pub(crate) fn is_closed(&self) -> bool {
-        self.done.is_cancelled()
+        self.control.is_closed()
     }
 
     /// Completes when the session has ended, for whatever reason.
     pub(crate) async fn closed(&self) {
-        self.done.cancelled().await
+        self.control.closed().await
     }
 
-    pub(crate) fn done_token(&self) -> CancellationToken {
-        self.done.clone()
+    /// [`closed`](Self::closed) as a `'static` future that does not keep
+    /// the session open.
+    pub(crate) fn closed_owned(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.control.closed_owned()
     }
 }
 
@@ -61,28 +61,12 @@ pub(crate) fn spawn<T: Io>(
     span: Span,
 ) -> (SessionHandle, Incoming) {
     let (control, incoming, connection) = backchannel_yamux::session(io, config.yamux(), mode);
-    let done = CancellationToken::new();
-    let handle = SessionHandle {
-        control,
-        done: done.clone(),
-    };
+    // The connection logs how the session ended, inside `span`.
     tokio::spawn(
         async move {
-            let _done = DoneOnDrop(done);
-            match connection.await {
-                Ok(()) => debug!("yamux session ended"),
-                Err(err) => debug!(error = %err, "yamux session failed"),
-            }
+            let _ = connection.await;
         }
         .instrument(span),
     );
-    (handle, incoming)
-}
-
-struct DoneOnDrop(CancellationToken);
-
-impl Drop for DoneOnDrop {
-    fn drop(&mut self) {
-        self.0.cancel();
-    }
+    (SessionHandle { control }, incoming)
 }

@@ -3,7 +3,7 @@
 use std::{
     collections::{HashMap, VecDeque},
     future::Future,
-    io,
+    io::{self, IoSlice},
     pin::Pin,
     sync::{Arc, Mutex, MutexGuard},
     task::{Context, Poll, Waker},
@@ -116,14 +116,16 @@ impl Writer {
         &mut self,
         cx: &mut Context<'_>,
         header: [u8; HEADER_LEN],
-        bufs: &[std::io::IoSlice<'_>],
+        bufs: &[IoSlice<'_>],
         n: usize,
     ) -> bool {
         let Some(io) = self.io.as_mut() else {
             return false;
         };
-        let mut slices: [std::io::IoSlice<'_>; 8] = [std::io::IoSlice::new(&[]); 8];
-        slices[0] = std::io::IoSlice::new(&header);
+        self.buf.clear();
+        self.pos = 0;
+        let mut slices = [IoSlice::new(&[]); 8];
+        slices[0] = IoSlice::new(&header);
         let mut count = 1;
         let mut left = n;
         for b in bufs {
@@ -131,34 +133,30 @@ impl Writer {
                 break;
             }
             let k = b.len().min(left);
-            slices[count] = std::io::IoSlice::new(&b[..k]);
+            slices[count] = IoSlice::new(&b[..k]);
             count += 1;
             left -= k;
         }
-        // More slices than we pass: the rest goes through the buffer.
-        let total = HEADER_LEN + n;
-        let mut written = 0;
-        if left == 0 {
-            while written < total {
-                let mut skip = written;
-                let mut parts: [std::io::IoSlice<'_>; 8] = [std::io::IoSlice::new(&[]); 8];
-                let mut m = 0;
-                for s in &slices[..count] {
-                    if skip >= s.len() {
-                        skip -= s.len();
-                        continue;
-                    }
-                    parts[m] = std::io::IoSlice::new(&s[skip..]);
-                    skip = 0;
-                    m += 1;
+        if left > 0 {
+            // More slices than one writev takes here (h2 uses two): queue
+            // the whole frame instead.
+            self.buf.extend_from_slice(&header);
+            put_prefix(&mut self.buf, bufs, n);
+            return true;
+        }
+        let mut parts = &mut slices[..count];
+        let mut unwritten = HEADER_LEN + n;
+        while unwritten > 0 {
+            match io.as_mut().poll_write_vectored(cx, parts) {
+                Poll::Ready(Ok(k)) if k > 0 => {
+                    let k = k.min(unwritten);
+                    unwritten -= k;
+                    IoSlice::advance_slices(&mut parts, k);
                 }
-                match io.as_mut().poll_write_vectored(cx, &parts[..m]) {
-                    Poll::Ready(Ok(k)) if k > 0 => written += k,
-                    _ => break,
-                }
+                _ => break,
             }
         }
-        if written == total {
+        if unwritten == 0 {
             self.need_flush = true;
             if let Poll::Ready(Ok(())) = io.as_mut().poll_flush(cx) {
                 self.need_flush = false;
@@ -168,25 +166,23 @@ impl Writer {
         }
         // Keep the rest of the frame, in order, for the connection task
         // (which also sees any error again).
-        self.buf.clear();
-        self.pos = 0;
-        let mut skip = written;
-        let whole = std::iter::once(&header[..]).chain(bufs.iter().map(|b| &b[..]));
-        let mut left = total;
-        for s in whole {
-            let s = &s[..s.len().min(left)];
-            left -= s.len();
-            if skip >= s.len() {
-                skip -= s.len();
-            } else {
-                self.buf.extend_from_slice(&s[skip..]);
-                skip = 0;
-            }
-            if left == 0 {
-                break;
-            }
+        for p in parts.iter() {
+            self.buf.extend_from_slice(p);
         }
         true
+    }
+}
+
+/// Appends the first `n` bytes of `bufs` to `buf`.
+pub(crate) fn put_prefix(buf: &mut BytesMut, bufs: &[IoSlice<'_>], n: usize) {
+    let mut left = n;
+    for b in bufs {
+        if left == 0 {
+            break;
+        }
+        let k = b.len().min(left);
+        buf.extend_from_slice(&b[..k]);
+        left -= k;
     }
 }
 
@@ -210,8 +206,9 @@ pub(crate) struct Inner {
     pub(crate) handles: usize,
     /// Stream writers waiting for `out` to drain below [`OUT_HIGH`].
     pub(crate) out_waiters: Vec<Waker>,
+    /// `close()` was called (or every handle is gone): GoAway goes out, no
+    /// new streams either way, no more data frames.
     close_requested: bool,
-    local_goaway: bool,
     remote_goaway: bool,
     /// The connection has ended: no more frames go in or out.
     pub(crate) dead: bool,
@@ -363,7 +360,6 @@ where
             handles: 2,
             out_waiters: Vec::new(),
             close_requested: false,
-            local_goaway: false,
             remote_goaway: false,
             dead: false,
         }),
@@ -448,7 +444,7 @@ impl Control {
     /// ```
     pub fn open_stream(&self) -> Result<Stream, OpenError> {
         let mut inner = self.shared.lock();
-        if inner.dead || inner.close_requested || inner.local_goaway {
+        if inner.dead || inner.close_requested {
             return Err(OpenError::SessionClosed);
         }
         if inner.remote_goaway {
@@ -502,6 +498,24 @@ impl Control {
     /// was dropped).
     pub async fn closed(&self) {
         self.shared.ended.cancelled().await
+    }
+
+    /// Like [`closed`](Self::closed), as a `'static` future that holds no
+    /// handle (so it does not keep the session open).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let (a, _b) = tokio::io::duplex(1024);
+    /// let (control, _incoming, connection) =
+    ///     backchannel_yamux::session(a, Default::default(), backchannel_yamux::Mode::Client);
+    /// tokio::spawn(connection);
+    /// let ended = tokio::spawn(control.closed_owned());
+    /// control.close();
+    /// ended.await.unwrap();
+    /// # }
+    /// ```
+    pub fn closed_owned(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.shared.ended.clone().cancelled_owned()
     }
 
     /// Streams the session tracks now (open, half-closed, or dropped but not
@@ -670,7 +684,6 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<T> {
             if !self.closing {
                 let mut inner = self.shared.lock();
                 if inner.close_requested {
-                    inner.local_goaway = true;
                     inner.push(Header::new(
                         FrameType::GoAway,
                         0,
@@ -1067,7 +1080,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<T> {
         // Not required to grow: hashicorp/yamux takes IDs in order but its
         // goroutines may send the SYNs out of order.
         inner.max_peer_id = inner.max_peer_id.max(id);
-        let refuse = inner.local_goaway || inner.streams.len() >= inner.max_streams;
+        let refuse = inner.close_requested || inner.streams.len() >= inner.max_streams;
         let permit = match (&self.accept, refuse) {
             (Some(tx), false) => tx.try_reserve().ok(),
             _ => None,

@@ -7,12 +7,12 @@ use std::{
     task::{Context, Poll, Waker},
 };
 
-use bytes::{Buf, BufMut};
+use bytes::Buf;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::{
     frame::{FrameType, Header, FIN},
-    session::{Shared, MAX_DATA_FRAME, OUT_HIGH},
+    session::{put_prefix, Shared, MAX_DATA_FRAME, OUT_HIGH},
 };
 
 /// One yamux stream: a full-duplex byte stream with its own flow control.
@@ -102,15 +102,7 @@ impl Stream {
         let out = &mut inner.out;
         out.reserve(crate::frame::HEADER_LEN + n);
         header.put(out);
-        let mut left = n;
-        for b in bufs {
-            let k = b.len().min(left);
-            out.put_slice(&b[..k]);
-            left -= k;
-            if left == 0 {
-                break;
-            }
-        }
+        put_prefix(out, bufs, n);
         let driver = inner.take_driver();
         drop(guard);
         if let Some(w) = driver {
