@@ -1,5 +1,6 @@
-//! The `backchannel` command.
+//! The `backchannel` command: the demo, and the sidecar's hub and agent.
 
+use backchannel_sidecar::{agent, hub};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -16,17 +17,15 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Start a server and a client on loopback and show forward calls, reverse
-    /// calls and a plain gRPC client sharing the port.
+    /// calls and a plain gRPC client sharing the port; then a hub, an agent and
+    /// callers reaching a private service through it.
     Demo,
     /// Run a hub: agents dial in, plain gRPC callers reach them by name with
     /// the `backchannel-peer` metadata key.
-    Hub(backchannel_cli::hub::HubArgs),
+    Hub(hub::HubArgs),
     /// Run an agent: dial out to a hub and publish a local gRPC server
     /// through it under a name.
-    Agent(backchannel_cli::agent::AgentArgs),
-    /// Benchmark plain tonic, backchannel forward/reverse calls and raw yamux
-    /// against each other, or connect N idle peers (`bench peers N`).
-    Bench(backchannel_cli::bench::BenchArgs),
+    Agent(agent::AgentArgs),
 }
 
 #[tokio::main]
@@ -39,9 +38,8 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match Cli::parse().command {
-        Command::Demo => backchannel_cli::demo::run().await,
-        Command::Hub(args) => backchannel_cli::hub::run(args.into_config()).await,
-        Command::Agent(args) => backchannel_cli::agent::run(args.into_config()?).await,
-        Command::Bench(args) => backchannel_cli::bench::run(args).await,
+        Command::Demo => backchannel_demo::run().await,
+        Command::Hub(args) => hub::run(args.into_config()).await,
+        Command::Agent(args) => agent::run(args.into_config()?).await,
     }
 }

@@ -6,12 +6,10 @@ mod common;
 use std::time::{Duration, Instant};
 
 use backchannel::{ClientBuilder, PeerEvent, SessionConfig};
-use backchannel_cli::pb::{
-    bench::{bench_client::BenchClient, Payload},
-    testing::{
-        callback_client::CallbackClient, echo_client::EchoClient, CallMeBackRequest, EchoRequest,
-    },
+use backchannel_demo::pb::testing::{
+    callback_client::CallbackClient, echo_client::EchoClient, CallMeBackRequest, EchoRequest,
 };
+use backchannel_testkit::pb::bench::{bench_client::BenchClient, Payload};
 use common::{connect, plain_channel, start_server, tcp_server, wait_peers, Bind};
 use listenmux::MuxConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -334,7 +332,7 @@ async fn peer_killed_mid_reverse_stream_fails_the_call_promptly_and_cleans_the_r
 
     // A reverse streaming call that would run for ever.
     let mut stream = BenchClient::new(server.registry.backchannel(peer).unwrap())
-        .download(backchannel_cli::pb::bench::DownloadRequest {
+        .download(backchannel_testkit::pb::bench::DownloadRequest {
             bytes: u64::MAX,
             chunk_size: 64 * 1024,
         })
@@ -508,7 +506,7 @@ async fn large_messages_with_small_windows_and_frequent_pings_do_not_stall() {
         // Forward: client uploads to the server.
         let msgs = (0..TOTAL / MSG as u64).map(|i| {
             let mut data = vec![0u8; MSG];
-            backchannel_cli::services::fill_pattern(&mut data, i * MSG as u64);
+            backchannel_testkit::fill_pattern(&mut data, i * MSG as u64);
             Payload { data: data.into() }
         });
         let up = BenchClient::new(client.channel())
@@ -519,7 +517,7 @@ async fn large_messages_with_small_windows_and_frequent_pings_do_not_stall() {
         assert_eq!(up.bytes, TOTAL / MSG as u64 * MSG as u64);
         // Reverse: the server downloads from the client.
         let mut down = BenchClient::new(server.registry.backchannel(peer).unwrap())
-            .download(backchannel_cli::pb::bench::DownloadRequest {
+            .download(backchannel_testkit::pb::bench::DownloadRequest {
                 bytes: TOTAL,
                 chunk_size: MSG as u32,
             })
@@ -528,7 +526,7 @@ async fn large_messages_with_small_windows_and_frequent_pings_do_not_stall() {
             .into_inner();
         let mut got = 0u64;
         while let Some(p) = down.message().await.unwrap() {
-            assert!(backchannel_cli::services::check_pattern(&p.data, got));
+            assert!(backchannel_testkit::check_pattern(&p.data, got));
             got += p.data.len() as u64;
         }
         assert_eq!(got, TOTAL);
@@ -594,8 +592,8 @@ async fn the_client_never_opens_a_second_stream() {
     });
     let server = tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(backchannel_cli::pb::testing::echo_server::EchoServer::new(
-                backchannel_cli::services::EchoService::new("gitaly-like"),
+            .add_service(backchannel_demo::pb::testing::echo_server::EchoServer::new(
+                backchannel_demo::services::EchoService::new("gitaly-like"),
             ))
             .serve_with_incoming(
                 tokio_stream::wrappers::ReceiverStream::new(first_rx).map(Ok::<_, std::io::Error>),
@@ -638,13 +636,11 @@ async fn tls_client_certificates_and_peer_id_reach_the_connection_info() {
     let dir = tempfile::tempdir().unwrap();
     let pki = common::Pki::new(dir.path());
     let server_cfg =
-        backchannel_cli::hub::tls::server_config(&pki.server_cert, &pki.server_key, Some(&pki.ca))
+        backchannel_sidecar::tls::server_config(&pki.server_cert, &pki.server_key, Some(&pki.ca))
             .unwrap();
-    let client_cfg = backchannel_cli::hub::tls::client_config(
-        &pki.ca,
-        Some((&pki.client_cert, &pki.client_key)),
-    )
-    .unwrap();
+    let client_cfg =
+        backchannel_sidecar::tls::client_config(&pki.ca, Some((&pki.client_cert, &pki.client_key)))
+            .unwrap();
     let registry = backchannel::Registry::new();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -745,8 +741,8 @@ async fn a_handshaker_can_take_the_connection_over() {
     let incoming = mux.incoming(listener);
     let server = tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(backchannel_cli::pb::testing::echo_server::EchoServer::new(
-                backchannel_cli::services::EchoService::new("server"),
+            .add_service(backchannel_demo::pb::testing::echo_server::EchoServer::new(
+                backchannel_demo::services::EchoService::new("server"),
             ))
             .serve_with_incoming(incoming),
     );
@@ -820,8 +816,8 @@ async fn peers_beyond_the_limit_are_refused_and_counted() {
     let stats = mux.stats();
     let server = tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(backchannel_cli::pb::testing::echo_server::EchoServer::new(
-                backchannel_cli::services::EchoService::new("server"),
+            .add_service(backchannel_demo::pb::testing::echo_server::EchoServer::new(
+                backchannel_demo::services::EchoService::new("server"),
             ))
             .serve_with_incoming(mux.incoming(listener)),
     );

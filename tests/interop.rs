@@ -23,15 +23,16 @@ use std::{
 };
 
 use backchannel::{ClientBuilder, PeerChannel, PeerEvent, PeerInfo, Registry, SessionConfig};
-use backchannel_cli::{
-    pb::{
-        bench::{bench_client::BenchClient, DownloadRequest, Payload},
-        testing::{
-            callback_client::CallbackClient, echo_client::EchoClient, echo_server::EchoServer,
-            CallMeBackRequest, EchoRequest,
-        },
+use backchannel_demo::{
+    pb::testing::{
+        callback_client::CallbackClient, echo_client::EchoClient, echo_server::EchoServer,
+        CallMeBackRequest, EchoRequest,
     },
-    services::{fill_pattern, EchoService},
+    services::EchoService,
+};
+use backchannel_testkit::{
+    fill_pattern,
+    pb::bench::{bench_client::BenchClient, DownloadRequest, Payload},
 };
 use bytes::Bytes;
 use common::{Bind, TestServer};
@@ -588,7 +589,7 @@ fn bench_bytes() -> u64 {
 
 const CHUNK: usize = 1 << 20;
 
-/// The pattern of src/services.rs (`fill_pattern`) from offset 0, long enough
+/// The byte pattern (`backchannel_testkit::fill_pattern`) from offset 0, long enough
 /// to slice any `CHUNK` at any offset modulo its period (251).
 fn pattern() -> &'static [u8] {
     static P: OnceLock<Vec<u8>> = OnceLock::new();
@@ -883,7 +884,7 @@ async fn go_server_killed_mid_forward_call() {
 /// agent exposes, through the agent's backchannel.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sidecar_agent_to_go_server() {
-    use backchannel_cli::agent::{Agent, AgentConfig};
+    use backchannel_sidecar::agent::{Agent, AgentConfig};
     let Some(bin) = gopeer() else { return };
     let mut go = GoPeer::spawn(&bin, "go-server", &["server", "--name", "go-hub"]);
     let addr = go.listening().await;

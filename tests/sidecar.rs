@@ -8,17 +8,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use backchannel_cli::{
+use backchannel_demo::pb::testing::{
+    echo_client::EchoClient,
+    echo_server::{Echo, EchoServer},
+    EchoRequest, EchoResponse,
+};
+use backchannel_sidecar::{
     agent::{Agent, AgentConfig},
     hub::{Hub, HubConfig},
-    pb::{
-        hub::{peer_event::Kind, peers_client::PeersClient, ListPeersRequest, WatchPeersRequest},
-        testing::{
-            echo_client::EchoClient,
-            echo_server::{Echo, EchoServer},
-            EchoRequest, EchoResponse,
-        },
-    },
+    pb::hub::{peer_event::Kind, peers_client::PeersClient, ListPeersRequest, WatchPeersRequest},
 };
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
@@ -1018,7 +1016,7 @@ async fn unix_sockets_for_the_hub_and_the_exposed_service() {
 
 #[tokio::test]
 async fn announcements_are_validated_and_newest_session_keeps_the_name() {
-    use backchannel_cli::pb::hub::{registration_client::RegistrationClient, AnnounceRequest};
+    use backchannel_sidecar::pb::hub::{registration_client::RegistrationClient, AnnounceRequest};
     let hub = start_hub().await;
     let addr = hub.addr.unwrap().to_string();
     let a = backchannel::ClientBuilder::new()

@@ -5,13 +5,11 @@
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use backchannel::{Client, ClientBuilder, Registry, ServerHandshaker, SessionConfig};
-use backchannel_cli::{
-    pb::{
-        bench::bench_server::BenchServer,
-        testing::{callback_server::CallbackServer, echo_server::EchoServer},
-    },
-    services::{BenchService, CallbackService, EchoService},
+use backchannel_demo::{
+    pb::testing::{callback_server::CallbackServer, echo_server::EchoServer},
+    services::{CallbackService, EchoService},
 };
+use backchannel_testkit::{pb::bench::bench_server::BenchServer, BenchService};
 use listenmux::{ListenMux, MuxConfig, Stats};
 use tonic::{service::Routes, transport::Server};
 
@@ -139,24 +137,7 @@ pub fn tls_configs_with_pem() -> (
     Arc<tokio_rustls::rustls::ClientConfig>,
     String,
 ) {
-    use tokio_rustls::rustls;
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    let pem = cert.cert.pem();
-    let cert_der = cert.cert.der().clone();
-    let key = rustls_pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
-    let mut server = rustls::ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(vec![cert_der.clone()], key)
-        .unwrap();
-    // Plain gRPC TLS clients insist on ALPN h2; backchannel clients need none.
-    server.alpn_protocols = vec![b"h2".to_vec()];
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert_der).unwrap();
-    let client = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    (Arc::new(server), Arc::new(client), pem)
+    backchannel_testkit::pki::self_signed()
 }
 
 /// Waits (event-driven, bounded) until the registry holds `n` peers.
@@ -171,45 +152,5 @@ pub async fn wait_peers(registry: &Registry, n: usize) {
     .unwrap_or_else(|_| panic!("registry did not reach {n} peers (has {})", registry.len()));
 }
 
-/// A CA, a server certificate for `localhost` and a client certificate, as
-/// PEM files.
-pub struct Pki {
-    pub ca: std::path::PathBuf,
-    pub server_cert: std::path::PathBuf,
-    pub server_key: std::path::PathBuf,
-    pub client_cert: std::path::PathBuf,
-    pub client_key: std::path::PathBuf,
-}
-
-impl Pki {
-    pub fn new(dir: &std::path::Path) -> Pki {
-        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-        let issuer = Issuer::new(ca_params, ca_key);
-        let leaf = |name: &str| {
-            let key = KeyPair::generate().unwrap();
-            let cert = CertificateParams::new(vec![name.to_string()])
-                .unwrap()
-                .signed_by(&key, &issuer)
-                .unwrap();
-            (cert.pem(), key.serialize_pem())
-        };
-        let (sc, sk) = leaf("localhost");
-        let (cc, ck) = leaf("agent");
-        let w = |name: &str, data: &str| {
-            let p = dir.join(name);
-            std::fs::write(&p, data).unwrap();
-            p
-        };
-        Pki {
-            ca: w("ca.pem", &ca_cert.pem()),
-            server_cert: w("server.pem", &sc),
-            server_key: w("server.key", &sk),
-            client_cert: w("client.pem", &cc),
-            client_key: w("client.key", &ck),
-        }
-    }
-}
+#[allow(unused_imports)]
+pub use backchannel_testkit::pki::Pki;

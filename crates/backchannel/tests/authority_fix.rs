@@ -7,19 +7,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// A tiny deterministic PRNG (xorshift) so failures are reproducible.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+use backchannel_testkit::Rng;
 
 fn frame(ty: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     let len = payload.len();
@@ -43,7 +31,7 @@ fn headers_block(authority: &str) -> Vec<u8> {
 async fn pipe(input: Vec<u8>, seed: u64) -> std::io::Result<Vec<u8>> {
     let (mut w, r) = tokio::io::duplex(1024);
     let writer = tokio::spawn(async move {
-        let mut rng = Rng(seed | 1);
+        let mut rng = Rng::new(seed);
         let mut rest = &input[..];
         while !rest.is_empty() {
             let n = (1 + rng.below(700) as usize).min(rest.len());
@@ -69,7 +57,7 @@ async fn pipe(input: Vec<u8>, seed: u64) -> std::io::Result<Vec<u8>> {
 #[tokio::test]
 async fn well_formed_streams_pass_byte_for_byte() {
     for seed in 1..40u64 {
-        let mut rng = Rng(seed);
+        let mut rng = Rng::new(seed);
         let mut input = PREFACE.to_vec();
         for i in 0..30 {
             let ty = [0u8, 0, 0, 4, 6, 8, 1][rng.below(7) as usize];
@@ -85,7 +73,7 @@ async fn well_formed_streams_pass_byte_for_byte() {
                 }
             } else {
                 let len = rng.below(40_000) as usize;
-                let payload: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+                let payload: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
                 input.extend(frame(ty, 0, 1, &payload));
             }
         }
@@ -129,7 +117,7 @@ async fn gitaly_authorities_are_rewritten_and_frames_stay_valid() {
 #[tokio::test]
 async fn garbage_never_panics_or_hangs() {
     for seed in 1..300u64 {
-        let mut rng = Rng(seed);
+        let mut rng = Rng::new(seed);
         let len = rng.below(5000) as usize;
         let mut input = PREFACE.to_vec();
         input.extend((0..len).map(|_| {
@@ -139,7 +127,7 @@ async fn garbage_never_panics_or_hangs() {
                 1 => 9,
                 2 => 0x41,
                 3 => 0,
-                _ => rng.next() as u8,
+                _ => rng.next_u64() as u8,
             }
         }));
         let _ = pipe(input, seed).await;

@@ -1,0 +1,418 @@
+//! `backchannel agent`: dials out to a hub, announces a name, and serves a
+//! transparent proxy to a local gRPC server (`--expose`) on its backchannel.
+//! Reconnects with exponential backoff and jitter.
+
+use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use backchannel::{Client, ClientBuilder};
+use hyper_util::rt::TokioIo;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::{pb::hub::registration_client::RegistrationClient, pb::hub::AnnounceRequest, router};
+
+/// A session that lasted this long resets the reconnect backoff.
+const STABLE_SESSION: Duration = Duration::from_secs(10);
+
+/// How `backchannel agent` is set up.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// The hub: `host:port` (or `tcp://host:port`) or `unix:PATH`.
+    pub hub: String,
+    /// The name to announce.
+    pub name: String,
+    /// Labels to announce.
+    pub labels: Vec<(String, String)>,
+    /// The local gRPC server to publish: `host:port`, `http://host:port` or
+    /// `unix:PATH`.
+    pub expose: String,
+    /// TLS to the hub: trust this CA (PEM). Enables TLS.
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for hubs that require one.
+    pub tls_cert: Option<PathBuf>,
+    /// Key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// The hub's name in its certificate (default: the host of `hub`).
+    pub tls_server_name: Option<String>,
+    /// First reconnect delay.
+    pub backoff_initial: Duration,
+    /// Largest reconnect delay.
+    pub backoff_max: Duration,
+}
+
+impl AgentConfig {
+    /// Defaults for everything but the essentials.
+    pub fn new(hub: impl Into<String>, name: impl Into<String>, expose: impl Into<String>) -> Self {
+        AgentConfig {
+            hub: hub.into(),
+            name: name.into(),
+            labels: Vec::new(),
+            expose: expose.into(),
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_server_name: None,
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What the agent is doing, published on a watch channel.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AgentStatus {
+    /// Sessions established so far (1 after the first connect, 2 after a
+    /// reconnect...).
+    pub sessions: u64,
+    /// Whether a session is up now.
+    pub connected: bool,
+    /// Our peer ID on the hub, when the hub told us (Announce answered).
+    pub peer_id: Option<u64>,
+    /// Whether the hub accepted the announcement (false against a server
+    /// without the Registration service).
+    pub announced: bool,
+}
+
+/// A running agent.
+pub struct Agent {
+    status: watch::Receiver<AgentStatus>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Agent {
+    /// Starts the agent: it connects (and keeps reconnecting) in the
+    /// background.
+    pub fn start(cfg: AgentConfig) -> anyhow::Result<Agent> {
+        let labels: HashMap<String, String> = cfg.labels.iter().cloned().collect();
+        crate::hub::state::validate_announcement(&cfg.name, &labels)
+            .map_err(|s| anyhow::anyhow!("--name/--label: {}", s.message()))?;
+        let expose = expose_channel(&cfg.expose)?;
+        let tls = match &cfg.tls_ca {
+            Some(ca) => {
+                let cert_key = match (&cfg.tls_cert, &cfg.tls_key) {
+                    (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+                    (None, None) => None,
+                    _ => anyhow::bail!("--tls-cert and --tls-key go together"),
+                };
+                let name = match &cfg.tls_server_name {
+                    Some(n) => n.clone(),
+                    None => host_of(&cfg.hub).to_string(),
+                };
+                let server_name = rustls_pki_types::ServerName::try_from(name.clone())
+                    .with_context(|| format!("'{name}' is not a valid TLS server name"))?;
+                Some((
+                    tokio_rustls::TlsConnector::from(crate::tls::client_config(ca, cert_key)?),
+                    server_name,
+                ))
+            }
+            None if cfg.tls_cert.is_some() || cfg.tls_key.is_some() => {
+                anyhow::bail!("--tls-cert/--tls-key need --tls-ca")
+            }
+            None => None,
+        };
+        let (tx, rx) = watch::channel(AgentStatus::default());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run_loop(cfg, expose, tls, tx, stop.clone()));
+        Ok(Agent {
+            status: rx,
+            stop,
+            task,
+        })
+    }
+
+    /// The current status.
+    pub fn status(&self) -> AgentStatus {
+        self.status.borrow().clone()
+    }
+
+    /// Waits (bounded) until at least `sessions` sessions have been
+    /// established and one is up now.
+    pub async fn wait_sessions(&self, sessions: u64, timeout: Duration) -> anyhow::Result<()> {
+        let mut rx = self.status.clone();
+        tokio::time::timeout(
+            timeout,
+            rx.wait_for(|s| s.connected && s.sessions >= sessions),
+        )
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "agent did not reach {sessions} session(s) in {timeout:?} (status {:?})",
+                self.status()
+            )
+        })?
+        .map_err(|_| anyhow::anyhow!("agent stopped"))?;
+        Ok(())
+    }
+
+    /// Stops the agent and closes its session.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+type Tls = Option<(
+    tokio_rustls::TlsConnector,
+    rustls_pki_types::ServerName<'static>,
+)>;
+
+async fn connect(
+    cfg: &AgentConfig,
+    expose: &Channel,
+    tls: &Tls,
+) -> Result<Client, backchannel::Error> {
+    let routes = router::ForwardAll::new(expose.clone(), format!("exposed service {}", cfg.expose))
+        .into_routes();
+    let mut b = ClientBuilder::new();
+    if let Some((c, n)) = tls {
+        b = b.tls(c.clone(), n.clone());
+    }
+    match cfg.hub.strip_prefix("unix:") {
+        Some(path) => b.connect_unix(path, routes).await,
+        None => {
+            let addr = cfg
+                .hub
+                .trim_start_matches("tcp://")
+                .trim_start_matches("http://");
+            b.connect_tcp(addr, routes).await
+        }
+    }
+}
+
+async fn run_loop(
+    cfg: AgentConfig,
+    expose: Channel,
+    tls: Tls,
+    status: watch::Sender<AgentStatus>,
+    stop: CancellationToken,
+) {
+    let mut delay = cfg.backoff_initial;
+    loop {
+        let attempt = tokio::select! {
+            r = connect(&cfg, &expose, &tls) => r,
+            _ = stop.cancelled() => return,
+        };
+        match attempt {
+            Ok(client) => {
+                let since = std::time::Instant::now();
+                let (peer_id, announced) = match announce(&cfg, &client).await {
+                    Ok(a) => a,
+                    Err(status) => {
+                        // Connected but unnamed would leave callers with
+                        // NOT_FOUND for ever: start over with a new session.
+                        tracing::warn!(%status, retry_in = ?delay, "announcing to the hub failed; reconnecting");
+                        client.close();
+                        let jittered = delay.mul_f64(0.5 + fastrand::f64() * 0.5);
+                        tokio::select! {
+                            _ = tokio::time::sleep(jittered) => {}
+                            _ = stop.cancelled() => return,
+                        }
+                        delay = (delay * 2).min(cfg.backoff_max);
+                        continue;
+                    }
+                };
+                status.send_modify(|s| {
+                    s.sessions += 1;
+                    s.connected = true;
+                    s.peer_id = peer_id;
+                    s.announced = announced;
+                });
+                tokio::select! {
+                    _ = client.closed() => {
+                        tracing::warn!(hub = %cfg.hub, "session to the hub ended; reconnecting");
+                    }
+                    _ = stop.cancelled() => {
+                        client.close();
+                        status.send_modify(|s| s.connected = false);
+                        return;
+                    }
+                }
+                status.send_modify(|s| s.connected = false);
+                // Only a session that stayed up resets the backoff: two agents
+                // fighting over one name (newest wins) then slow down instead
+                // of flapping at the initial delay.
+                if since.elapsed() >= STABLE_SESSION {
+                    delay = cfg.backoff_initial;
+                }
+            }
+            Err(err) => {
+                tracing::warn!(hub = %cfg.hub, error = %err, retry_in = ?delay, "cannot connect to the hub");
+            }
+        }
+        // Exponential backoff with full jitter in [delay/2, delay].
+        let jittered = delay.mul_f64(0.5 + fastrand::f64() * 0.5);
+        tokio::select! {
+            _ = tokio::time::sleep(jittered) => {}
+            _ = stop.cancelled() => return,
+        }
+        delay = (delay * 2).min(cfg.backoff_max);
+    }
+}
+
+/// Announces name and labels; a server without the Registration service
+/// (UNIMPLEMENTED) is fine: the backchannel works without a name. Any other
+/// failure is returned, and the caller reconnects.
+async fn announce(
+    cfg: &AgentConfig,
+    client: &Client,
+) -> Result<(Option<u64>, bool), tonic::Status> {
+    let labels: HashMap<String, String> = cfg.labels.iter().cloned().collect();
+    let mut rc = RegistrationClient::new(client.channel());
+    let mut req = tonic::Request::new(AnnounceRequest {
+        name: cfg.name.clone(),
+        labels,
+    });
+    req.set_timeout(Duration::from_secs(10));
+    match rc.announce(req).await {
+        Ok(r) => {
+            let r = r.into_inner();
+            if r.replaced_peer_id != 0 {
+                tracing::info!(
+                    replaced = r.replaced_peer_id,
+                    "took the name over from an older session"
+                );
+            }
+            Ok((Some(r.peer_id), true))
+        }
+        Err(s) if s.code() == tonic::Code::Unimplemented => {
+            tracing::info!("the server has no backchannel.hub.v1.Registration; serving the backchannel unnamed");
+            Ok((None, false))
+        }
+        Err(s) => Err(s),
+    }
+}
+
+fn host_of(addr: &str) -> &str {
+    let a = addr
+        .trim_start_matches("tcp://")
+        .trim_start_matches("http://");
+    if let Some(rest) = a.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    a.rsplit_once(':').map(|(h, _)| h).unwrap_or(a)
+}
+
+/// A lazy channel to the exposed service: the agent starts even if the
+/// service is not up yet; calls then fail with UNAVAILABLE.
+/// HTTP/2 windows for the channel to the exposed service: a connection
+/// window well above the stream window, so one slow call cannot stall the
+/// others multiplexed on it.
+fn with_windows(ep: Endpoint) -> Endpoint {
+    ep.initial_stream_window_size(backchannel::H2_STREAM_WINDOW)
+        .initial_connection_window_size(backchannel::H2_CONNECTION_WINDOW)
+}
+
+pub fn expose_channel(expose: &str) -> anyhow::Result<Channel> {
+    if let Some(path) = expose.strip_prefix("unix:") {
+        let path = Arc::new(PathBuf::from(path));
+        let ep = with_windows(Endpoint::from_static("http://localhost"));
+        return Ok(ep.connect_with_connector_lazy(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                let s = tokio::net::UnixStream::connect(&*path).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(s))
+            }
+        })));
+    }
+    let uri = if expose.contains("://") {
+        expose.to_string()
+    } else {
+        format!("http://{expose}")
+    };
+    let ep =
+        Endpoint::from_shared(uri).with_context(|| format!("bad --expose address '{expose}'"))?;
+    Ok(with_windows(ep).tcp_nodelay(true).connect_lazy())
+}
+
+/// Runs the agent until SIGINT or SIGTERM.
+pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    let (name, hub, expose) = (cfg.name.clone(), cfg.hub.clone(), cfg.expose.clone());
+    let agent = Agent::start(cfg)?;
+    let mut rx = agent.status.clone();
+    let report = async move {
+        let mut last = AgentStatus::default();
+        while rx.changed().await.is_ok() {
+            let now = rx.borrow_and_update().clone();
+            if now.connected && now.sessions > last.sessions {
+                let peer = now
+                    .peer_id
+                    .map(|p| p.to_string())
+                    .unwrap_or_else(|| "?".into());
+                let how = if now.announced {
+                    "announced"
+                } else {
+                    "connected, unnamed (no Registration service)"
+                };
+                println!("agent '{name}' {how} on {hub} as peer {peer}, exposing {expose}");
+            } else if !now.connected && last.connected {
+                println!("agent '{name}': session ended, reconnecting");
+            }
+            last = now;
+        }
+    };
+    tokio::select! {
+        _ = crate::signal::shutdown() => {}
+        _ = report => {}
+    }
+    println!("agent stopping");
+    agent.stop().await;
+    Ok(())
+}
+
+/// Command-line flags of `backchannel agent`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct AgentArgs {
+    /// The hub: `host:port` or `unix:PATH`.
+    #[arg(long, value_name = "ADDR")]
+    pub hub: String,
+    /// The name callers use in `backchannel-peer`.
+    #[arg(long)]
+    pub name: String,
+    /// A label `key=value` announced with the name (repeatable).
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
+    /// The local gRPC server to publish: `host:port`, `http://host:port` or
+    /// `unix:PATH`.
+    #[arg(long, value_name = "ADDR")]
+    pub expose: String,
+    /// PEM CA certificate(s) to verify the hub with: enables TLS.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate, for hubs started with --client-ca.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// The hub's name in its certificate (default: the host part of --hub).
+    #[arg(long, value_name = "NAME")]
+    pub tls_server_name: Option<String>,
+    /// Largest delay between reconnect attempts, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    pub max_backoff: f64,
+}
+
+impl AgentArgs {
+    /// The agent configuration these flags describe.
+    pub fn into_config(self) -> anyhow::Result<AgentConfig> {
+        let mut labels = Vec::new();
+        for l in &self.labels {
+            let (k, v) = l
+                .split_once('=')
+                .with_context(|| format!("--label '{l}' is not KEY=VALUE"))?;
+            labels.push((k.to_string(), v.to_string()));
+        }
+        let mut cfg = AgentConfig::new(self.hub, self.name, self.expose);
+        cfg.labels = labels;
+        cfg.tls_ca = self.tls_ca;
+        cfg.tls_cert = self.tls_cert;
+        cfg.tls_key = self.tls_key;
+        cfg.tls_server_name = self.tls_server_name;
+        cfg.backoff_max = Duration::try_from_secs_f64(self.max_backoff.max(0.01))
+            .map_err(|_| anyhow::anyhow!("--max-backoff must be a finite number of seconds"))?;
+        Ok(cfg)
+    }
+}

@@ -1,0 +1,363 @@
+//! `backchannel hub`: one port for agents (backchannel handshake) and plain
+//! gRPC callers; routes calls carrying `backchannel-peer` to that peer's
+//! backchannel, and serves health, reflection and the admin API.
+
+pub mod admin;
+pub mod metrics;
+pub mod routing;
+pub mod state;
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use backchannel::{Registry, ServerHandshaker, SessionConfig};
+use futures::{Stream, StreamExt};
+use listenmux::{Connection, ListenMux, MuxConfig};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+
+use crate::pb::hub::{peers_server::PeersServer, registration_server::RegistrationServer};
+
+pub use state::HubState;
+
+/// How `backchannel hub` is set up.
+#[derive(Clone, Debug)]
+pub struct HubConfig {
+    /// TCP address to listen on (`host:port`; port 0 picks one).
+    pub listen: Option<String>,
+    /// Unix socket to listen on (replaced if it exists).
+    pub unix: Option<PathBuf>,
+    /// PEM certificate chain: enables TLS on every listener.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA: require client certificates signed by it.
+    pub client_ca: Option<PathBuf>,
+    /// Address for the Prometheus endpoint.
+    pub metrics: Option<String>,
+    /// How long in-flight calls may run on shutdown.
+    pub grace: Duration,
+    /// Most agents connected at once; further handshakes are refused.
+    pub max_peers: usize,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        HubConfig {
+            listen: Some("127.0.0.1:0".into()),
+            unix: None,
+            tls_cert: None,
+            tls_key: None,
+            client_ca: None,
+            metrics: None,
+            grace: Duration::from_secs(10),
+            max_peers: 10_000,
+        }
+    }
+}
+
+/// A running hub.
+pub struct Hub {
+    /// The bound TCP address, if listening on TCP.
+    pub addr: Option<SocketAddr>,
+    /// The bound metrics address, if any.
+    pub metrics_addr: Option<SocketAddr>,
+    state: Arc<HubState>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Stops yielding connections (and drops the listeners) once `stop` fires,
+/// without ending the stream: ending it would make tonic close every
+/// connection at once, including the agents' sessions that in-flight routed
+/// calls still use.
+struct Drainable<S> {
+    inner: Option<S>,
+    stop: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+}
+
+impl<S: Stream + Unpin> Stream for Drainable<S> {
+    type Item = S::Item;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
+        if self.inner.is_some() && self.stop.as_mut().poll(cx).is_ready() {
+            self.inner = None;
+        }
+        match self.inner.as_mut() {
+            Some(s) => s.poll_next_unpin(cx),
+            None => Poll::Pending,
+        }
+    }
+}
+
+use std::future::Future as _;
+
+type ConnStream = Pin<Box<dyn Stream<Item = Result<Connection, std::io::Error>> + Send>>;
+
+impl Hub {
+    /// Binds the listeners and starts serving.
+    pub async fn start(cfg: HubConfig) -> anyhow::Result<Hub> {
+        if cfg.listen.is_none() && cfg.unix.is_none() {
+            anyhow::bail!("nothing to listen on: give --listen and/or --unix");
+        }
+        let registry = Registry::new();
+        let metrics = Arc::new(metrics::Metrics::default());
+        let state = HubState::new(registry.clone(), metrics);
+        let events = state.spawn_event_loop();
+
+        let mut mux = ListenMux::new(MuxConfig::default()).register(
+            ServerHandshaker::new(registry.clone(), SessionConfig::server())
+                .with_max_peers(cfg.max_peers),
+        );
+        match (&cfg.tls_cert, &cfg.tls_key) {
+            (Some(c), Some(k)) => {
+                let tls = crate::tls::server_config(c, k, cfg.client_ca.as_deref())?;
+                mux = mux.with_tls(tokio_rustls::TlsAcceptor::from(tls));
+            }
+            (None, None) if cfg.client_ca.is_none() => {}
+            _ => anyhow::bail!(
+                "TLS needs both --tls-cert and --tls-key (--client-ca needs them too)"
+            ),
+        }
+        let stats = mux.stats();
+
+        let mut streams: Vec<ConnStream> = Vec::new();
+        let mut addr = None;
+        if let Some(listen) = &cfg.listen {
+            let l = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("listening on {listen}"))?;
+            addr = Some(l.local_addr()?);
+            streams.push(Box::pin(mux.clone().incoming(l)));
+        }
+        if let Some(path) = &cfg.unix {
+            let _ = std::fs::remove_file(path);
+            let l = tokio::net::UnixListener::bind(path)
+                .with_context(|| format!("listening on {}", path.display()))?;
+            streams.push(Box::pin(mux.clone().incoming(l)));
+        }
+        let incoming = futures::stream::select_all(streams);
+
+        let mut metrics_addr = None;
+        let metrics_task = match &cfg.metrics {
+            Some(m) => {
+                let l = tokio::net::TcpListener::bind(m)
+                    .await
+                    .with_context(|| format!("listening for metrics on {m}"))?;
+                metrics_addr = Some(l.local_addr()?);
+                Some(tokio::spawn(metrics::serve(
+                    l,
+                    state.clone(),
+                    vec![stats.clone()],
+                )))
+            }
+            None => None,
+        };
+
+        let (health, health_svc) = tonic_health::server::health_reporter();
+        health.set_serving::<PeersServer<admin::HubApi>>().await;
+        health
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::pb::hub::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .context("building the reflection service")?;
+        let reflection_alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::pb::hub::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .context("building the reflection service")?;
+        let api = admin::HubApi {
+            state: state.clone(),
+        };
+
+        let shutdown = CancellationToken::new();
+        let stop_accepting = CancellationToken::new();
+        let stop_conns = CancellationToken::new();
+        let incoming = Drainable {
+            inner: Some(incoming),
+            stop: Box::pin(stop_accepting.clone().cancelled_owned()),
+        };
+        let server = Server::builder()
+            .trace_fn(backchannel::request_span)
+            // Bounds per caller connection, and dead callers are noticed even
+            // when they hold streams open.
+            .max_concurrent_streams(Some(1024))
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            // A connection window well above the stream window: one slow
+            // call cannot stall the others sharing the connection.
+            .initial_stream_window_size(Some(backchannel::H2_STREAM_WINDOW))
+            .initial_connection_window_size(Some(backchannel::H2_CONNECTION_WINDOW))
+            .layer(routing::RouterLayer::new(state.clone()))
+            .add_service(health_svc)
+            .add_service(reflection)
+            .add_service(reflection_alpha)
+            .add_service(PeersServer::new(api.clone()))
+            // Announcements are tiny; do not let one pin megabytes.
+            .add_service(RegistrationServer::new(api).max_decoding_message_size(64 * 1024))
+            .serve_with_incoming_shutdown(incoming, stop_conns.clone().cancelled_owned());
+
+        let grace = cfg.grace;
+        let unix = cfg.unix.clone();
+        let st = state.clone();
+        let sd = shutdown.clone();
+        let task = tokio::spawn(async move {
+            let mut server = std::pin::pin!(server);
+            tokio::select! {
+                r = &mut server => {
+                    if let Err(e) = r {
+                        tracing::error!(error = %e, "hub server failed");
+                    }
+                }
+                _ = sd.cancelled() => {
+                    // 1. Stop accepting and stop routing new calls.
+                    stop_accepting.cancel();
+                    st.start_draining();
+                    health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+                    // 2. Let in-flight routed calls finish, within the grace period.
+                    if tokio::time::timeout(grace, st.wait_idle()).await.is_err() {
+                        tracing::warn!(in_flight = st.calls_in_flight(), "grace period over; cancelling calls");
+                    }
+                    // 3. Close every connection and session.
+                    stop_conns.cancel();
+                    for p in st.registry().list() {
+                        st.registry().close(p.id);
+                    }
+                    let _ = tokio::time::timeout(Duration::from_secs(2), &mut server).await;
+                }
+            }
+            for p in st.registry().list() {
+                st.registry().close(p.id);
+            }
+            if let Some(t) = metrics_task {
+                t.abort();
+            }
+            events.abort();
+            if let Some(path) = unix {
+                let _ = std::fs::remove_file(path);
+            }
+        });
+        Ok(Hub {
+            addr,
+            metrics_addr,
+            state,
+            shutdown,
+            task,
+        })
+    }
+
+    /// The hub's view of its peers.
+    pub fn state(&self) -> &Arc<HubState> {
+        &self.state
+    }
+
+    /// The core registry (for reverse calls from the hub itself).
+    pub fn registry(&self) -> &Registry {
+        self.state.registry()
+    }
+
+    /// Waits (bounded) until a peer has announced `name`; returns its ID.
+    pub async fn wait_for_name(&self, name: &str, timeout: Duration) -> Option<u64> {
+        let (_, mut rx) = self.state.watch();
+        tokio::time::timeout(timeout, async {
+            loop {
+                if let Some(id) = self.state.peer_named(name) {
+                    return id;
+                }
+                let _ = rx.recv().await;
+            }
+        })
+        .await
+        .ok()
+    }
+
+    /// Graceful shutdown: stop accepting, drain in-flight calls within the
+    /// grace period, close all sessions; returns when done.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        let _ = self.task.await;
+    }
+
+    /// Starts a graceful shutdown without waiting for it.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Runs the hub until SIGINT or SIGTERM.
+pub async fn run(cfg: HubConfig) -> anyhow::Result<()> {
+    let hub = Hub::start(cfg.clone()).await?;
+    if let Some(a) = hub.addr {
+        println!("hub listening on {a}");
+    }
+    if let Some(p) = &cfg.unix {
+        println!("hub listening on unix:{}", p.display());
+    }
+    if let Some(m) = hub.metrics_addr {
+        println!("metrics on http://{m}/metrics");
+    }
+    crate::signal::shutdown().await;
+    println!("shutting down (grace {:?})", cfg.grace);
+    hub.shutdown().await;
+    println!("hub stopped");
+    Ok(())
+}
+
+/// Command-line flags of `backchannel hub`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct HubArgs {
+    /// TCP address for agents and gRPC callers (one port for both).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7443")]
+    pub listen: String,
+    /// Also (or, with --no-tcp, only) listen on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    pub unix: Option<PathBuf>,
+    /// Do not listen on TCP (use with --unix).
+    #[arg(long)]
+    pub no_tcp: bool,
+    /// PEM certificate chain: serve TLS on every listener.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s): require client certificates signed by them.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub client_ca: Option<PathBuf>,
+    /// Serve Prometheus metrics (text format) on this address, at /metrics.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
+    /// On SIGINT/SIGTERM, how long in-flight calls may take to finish.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    pub grace: f64,
+    /// Most agents connected at once; further agents are refused (and retry).
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    pub max_peers: usize,
+}
+
+impl HubArgs {
+    /// The hub configuration these flags describe.
+    pub fn into_config(self) -> HubConfig {
+        HubConfig {
+            listen: (!self.no_tcp).then_some(self.listen),
+            unix: self.unix,
+            tls_cert: self.tls_cert,
+            tls_key: self.tls_key,
+            client_ca: self.client_ca,
+            metrics: self.metrics,
+            max_peers: self.max_peers,
+            // `inf` (or anything too large) means "wait as long as it takes".
+            grace: Duration::try_from_secs_f64(self.grace.max(0.0))
+                .unwrap_or(Duration::from_secs(365 * 86400)),
+        }
+    }
+}

@@ -1,0 +1,377 @@
+//! A transparent gRPC proxy over a tonic [`Channel`]: the hub's router and the
+//! agent's backchannel service are both built on [`forward`].
+//!
+//! The request is forwarded as an HTTP/2 request (headers including
+//! `grpc-timeout`, body frame by frame) and the response (headers, body,
+//! trailers) streamed back, so all four RPC shapes, metadata, trailers, status
+//! and details pass untouched and without buffering; h2 flow control gives
+//! backpressure end to end. Dropping the response body (a caller's cancel)
+//! drops the upstream stream, which resets it. On top of that the proxy
+//! enforces the call's deadline itself (tonic's server would answer CANCELLED
+//! on expiry) and turns transport failures into statuses that name the target.
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue};
+use http_body::Frame;
+use tokio::time::{Instant, Sleep};
+use tonic::{body::Body, transport::Channel, Code, Status};
+use tower::ServiceExt;
+
+/// A boxed response future.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// Observes one forwarded call: bytes each way and how it ended.
+pub trait CallObserver: Send + Sync + 'static {
+    /// `n` request bytes (HTTP/2 DATA) were sent toward the target.
+    fn bytes_to_target(&self, _n: u64) {}
+    /// `n` response bytes were received from the target.
+    fn bytes_from_target(&self, _n: u64) {}
+    /// The call ended (once), with its gRPC status code when known.
+    fn finished(&self, _code: Option<Code>) {}
+}
+
+/// An observer that ignores everything.
+pub struct NoObserver;
+impl CallObserver for NoObserver {}
+
+/// The deadline a request carries in `grpc-timeout`, counted from now.
+pub fn deadline_of(headers: &HeaderMap) -> Option<Instant> {
+    parse_grpc_timeout(headers.get("grpc-timeout")?).map(|d| Instant::now() + d)
+}
+
+/// Parses a `grpc-timeout` value: up to 8 digits and a unit (H M S m u n).
+pub fn parse_grpc_timeout(v: &HeaderValue) -> Option<Duration> {
+    let s = v.to_str().ok()?;
+    if s.len() < 2 || s.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = s.split_at(s.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// A trailers-only gRPC response carrying `status`.
+pub fn status_response(status: Status) -> http::Response<Body> {
+    status.into_http()
+}
+
+/// Forwards `req` to `channel`. `target` names the destination in error
+/// messages ("peer 'db' (id 3)"); `deadline` is usually [`deadline_of`] the
+/// request's headers, computed when the call arrived.
+pub async fn forward(
+    channel: Channel,
+    req: http::Request<Body>,
+    target: Arc<str>,
+    deadline: Option<Instant>,
+    observer: Arc<dyn CallObserver>,
+) -> http::Response<Body> {
+    let (mut parts, body) = req.into_parts();
+    // The next hop gets the time that is left, not the caller's original
+    // budget (gRPC's deadline propagation), in milliseconds, rounded up.
+    if let Some(at) = deadline {
+        let left = at.saturating_duration_since(Instant::now());
+        let ms = left.as_millis().clamp(1, 99_999_999);
+        if let Ok(v) = HeaderValue::from_str(&format!("{ms}m")) {
+            parts.headers.insert("grpc-timeout", v);
+        }
+    }
+    // Extensions belong to the incoming connection (ConnInfo...), not to the
+    // outgoing request.
+    parts.extensions = http::Extensions::new();
+    let req = http::Request::from_parts(
+        parts,
+        Body::new(CountingBody {
+            inner: body,
+            observer: observer.clone(),
+        }),
+    );
+    let call = channel.oneshot(req);
+    let result = match deadline {
+        Some(at) => tokio::select! {
+            r = call => Some(r),
+            _ = tokio::time::sleep_until(at) => None,
+        },
+        None => Some(call.await),
+    };
+    let finish = |status: Status| {
+        observer.finished(Some(status.code()));
+        status_response(status)
+    };
+    match result {
+        None => finish(Status::deadline_exceeded(format!(
+            "deadline exceeded before {target} answered"
+        ))),
+        // The channel enforces grpc-timeout too (as CANCELLED "Timeout
+        // expired"); either timer firing means the deadline passed.
+        Some(Err(err)) if is_timeout(&err) => finish(Status::deadline_exceeded(format!(
+            "deadline exceeded before {target} answered"
+        ))),
+        Some(Err(err)) => finish(Status::unavailable(format!(
+            "{target} is unavailable: {}",
+            error_chain(&err)
+        ))),
+        Some(Ok(resp)) => {
+            let (parts, body) = resp.into_parts();
+            // A trailers-only response carries its status in the headers.
+            let header_status = parts
+                .headers
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|s| s.parse::<i32>().ok())
+                .map(Code::from_i32);
+            let body = ResponseBody {
+                inner: Some(body),
+                deadline: deadline.map(|at| Box::pin(tokio::time::sleep_until(at))),
+                observer,
+                target,
+                code: header_status,
+                finished: false,
+            };
+            http::Response::from_parts(parts, Body::new(body))
+        }
+    }
+}
+
+fn is_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut e = Some(err);
+    while let Some(x) = e {
+        if x.is::<tonic::TimeoutExpired>() {
+            return true;
+        }
+        e = x.source();
+    }
+    false
+}
+
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = err.to_string();
+    let mut src = err.source();
+    while let Some(e) = src {
+        let m = e.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        src = e.source();
+    }
+    s
+}
+
+/// The request body on its way to the target: counts DATA bytes.
+struct CountingBody {
+    inner: Body,
+    observer: Arc<dyn CallObserver>,
+}
+
+impl http_body::Body for CountingBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &r {
+            if let Some(d) = frame.data_ref() {
+                self.observer.bytes_to_target(d.len() as u64);
+            }
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The response body on its way back: counts bytes, records the status,
+/// enforces the deadline, and turns a broken upstream into UNAVAILABLE
+/// trailers naming the target.
+struct ResponseBody {
+    inner: Option<Body>,
+    deadline: Option<Pin<Box<Sleep>>>,
+    observer: Arc<dyn CallObserver>,
+    target: Arc<str>,
+    code: Option<Code>,
+    finished: bool,
+}
+
+impl ResponseBody {
+    fn finish(&mut self) {
+        if !self.finished {
+            self.finished = true;
+            self.inner = None;
+            self.deadline = None;
+            self.observer.finished(self.code);
+        }
+    }
+
+    fn end_with(&mut self, status: Status) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        self.code = Some(status.code());
+        self.finish();
+        let mut trailers = HeaderMap::new();
+        let _ = status.add_header(&mut trailers);
+        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        if !self.finished {
+            // The caller went away before the end: a cancel.
+            if self.code.is_none() {
+                self.code = Some(Code::Cancelled);
+            }
+            self.finish();
+        }
+    }
+}
+
+impl http_body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = &mut *self;
+        if this.inner.is_none() {
+            return Poll::Ready(None);
+        }
+        if let Some(sleep) = this.deadline.as_mut() {
+            if sleep.as_mut().poll(cx).is_ready() {
+                let msg = format!("deadline exceeded while {} was answering", this.target);
+                return this.end_with(Status::deadline_exceeded(msg));
+            }
+        }
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    this.observer.bytes_from_target(d.len() as u64);
+                } else if let Some(t) = frame.trailers_ref() {
+                    if let Some(code) = t
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|s| s.parse::<i32>().ok())
+                    {
+                        this.code = Some(Code::from_i32(code));
+                    }
+                    this.finish();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(status))) => {
+                let msg = format!("{} went away mid-call: {}", this.target, status.message());
+                this.end_with(Status::unavailable(msg))
+            }
+            Poll::Ready(None) => {
+                this.finish();
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            None => true,
+            Some(b) => b.is_end_stream(),
+        }
+    }
+}
+
+/// A tower service that forwards every request to one channel: the agent's
+/// backchannel service (a catch-all in front of `--expose`).
+#[derive(Clone)]
+pub struct ForwardAll {
+    channel: Channel,
+    target: Arc<str>,
+}
+
+impl ForwardAll {
+    /// Forwards to `channel`; `target` names it in error messages.
+    pub fn new(channel: Channel, target: impl Into<Arc<str>>) -> Self {
+        ForwardAll {
+            channel,
+            target: target.into(),
+        }
+    }
+
+    /// A catch-all [`tonic::service::Routes`] (every service, every method).
+    pub fn into_routes(self) -> tonic::service::Routes {
+        let svc = self;
+        let router = axum::Router::new().fallback_service(tower::service_fn(
+            move |req: http::Request<axum::body::Body>| {
+                let mut svc = svc.clone();
+                let req = req.map(Body::new);
+                async move { tower::Service::call(&mut svc, req).await }
+            },
+        ));
+        tonic::service::Routes::from(router)
+    }
+}
+
+impl tower::Service<http::Request<Body>> for ForwardAll {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<http::Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        let deadline = deadline_of(req.headers());
+        let fut = forward(
+            self.channel.clone(),
+            req,
+            self.target.clone(),
+            deadline,
+            Arc::new(NoObserver),
+        );
+        Box::pin(async move { Ok(fut.await) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_units() {
+        let p = |s: &'static str| parse_grpc_timeout(&HeaderValue::from_static(s));
+        assert_eq!(p("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(p("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(p("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(p("5u"), Some(Duration::from_micros(5)));
+        assert_eq!(p("x"), None);
+        assert_eq!(p("123456789S"), None);
+        assert_eq!(p("10q"), None);
+    }
+}
