@@ -842,7 +842,7 @@ fn sigterm_and_wait(child: &mut Child) -> std::process::ExitStatus {
 async fn http_get(addr: &str, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
         .await
         .unwrap();
     let mut out = String::new();
@@ -904,6 +904,7 @@ async fn real_binary_hub_and_agent() {
 
     let text = http_get(&metrics, "/metrics").await;
     assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    assert!(text.trim_end().ends_with("# EOF"), "{text}");
     assert!(text.contains("\nbackchannel_hub_peers 1\n"), "{text}");
     assert!(
         text.contains("backchannel_hub_calls_total{code=\"OK\"} 2"),

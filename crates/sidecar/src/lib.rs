@@ -16,6 +16,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod addr;
 pub mod agent;
 pub mod hub;
 pub mod router;

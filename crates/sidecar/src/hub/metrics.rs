@@ -1,51 +1,104 @@
-//! Prometheus text exposition for the hub, served over a minimal HTTP/1.1
-//! responder on `--metrics ADDR`.
+//! The hub's metrics: counters kept with `prometheus-client`, values read
+//! at scrape time through [`Collector`]s, served in the OpenMetrics text
+//! format at `GET /metrics` on `--metrics ADDR`.
 
-use std::{
-    collections::BTreeMap,
-    fmt::Write as _,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
-    },
-    time::Duration,
-};
+use std::sync::Arc;
 
+use axum::{http::header::CONTENT_TYPE, response::IntoResponse, routing::get, Router};
 use listenmux::Stats;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpListener,
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+    },
+    registry::Registry,
 };
+use tokio::net::TcpListener;
 use tonic::Code;
 
-use crate::hub::state::HubState;
+/// The label of a counter by gRPC status.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabel {
+    code: &'static str,
+}
 
-/// Hub-wide counters.
-#[derive(Default, Debug)]
+/// The label of a byte counter by direction.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabel {
+    direction: &'static str,
+}
+
+/// Hub-wide counters. Register them, and any collectors, in a [`Registry`]
+/// with [`Metrics::register`].
+#[derive(Debug)]
 pub struct Metrics {
     /// Backchannel sessions that completed their handshake.
-    pub sessions_opened: AtomicU64,
+    pub sessions_opened: Counter,
     /// Sessions that ended.
-    pub sessions_closed: AtomicU64,
+    pub sessions_closed: Counter,
     /// Routed calls (HTTP/2 streams) opened to peers.
-    pub streams_opened: AtomicU64,
+    pub streams_opened: Counter,
     /// Request bytes routed to peers.
-    pub bytes_to_peers: AtomicU64,
+    pub bytes_to_peers: Counter,
     /// Response bytes routed back from peers.
-    pub bytes_from_peers: AtomicU64,
-    calls: Mutex<BTreeMap<&'static str, u64>>,
+    pub bytes_from_peers: Counter,
+    calls: Family<CodeLabel, Counter>,
+    bytes: Family<DirectionLabel, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let bytes = Family::<DirectionLabel, Counter>::default();
+        let dir = |direction| bytes.get_or_create(&DirectionLabel { direction }).clone();
+        Metrics {
+            sessions_opened: Counter::default(),
+            sessions_closed: Counter::default(),
+            streams_opened: Counter::default(),
+            bytes_to_peers: dir("to_peer"),
+            bytes_from_peers: dir("from_peer"),
+            calls: Family::default(),
+            bytes,
+        }
+    }
 }
 
 impl Metrics {
     /// Counts a finished routed call by its status.
     pub fn call_finished(&self, code: Option<Code>) {
-        let name = code.map(code_name).unwrap_or("UNKNOWN");
-        *self
-            .calls
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(name)
-            .or_default() += 1;
+        let code = code.map(code_name).unwrap_or("UNKNOWN");
+        self.calls.get_or_create(&CodeLabel { code }).inc();
+    }
+
+    /// Registers the counters in `registry` (names get OpenMetrics'
+    /// `_total` suffix).
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "backchannel_hub_sessions_opened",
+            "Backchannel sessions that completed their handshake",
+            self.sessions_opened.clone(),
+        );
+        registry.register(
+            "backchannel_hub_sessions_closed",
+            "Backchannel sessions that ended",
+            self.sessions_closed.clone(),
+        );
+        registry.register(
+            "backchannel_hub_streams_opened",
+            "Routed calls (HTTP/2 streams) opened to peers",
+            self.streams_opened.clone(),
+        );
+        registry.register(
+            "backchannel_hub_calls",
+            "Routed calls by final gRPC status (including routing failures)",
+            self.calls.clone(),
+        );
+        registry.register(
+            "backchannel_hub_bytes",
+            "Message bytes of routed calls, by direction",
+            self.bytes.clone(),
+        );
     }
 }
 
@@ -72,153 +125,91 @@ pub fn code_name(code: Code) -> &'static str {
     }
 }
 
-/// Renders all metrics in the Prometheus text format (version 0.0.4).
-pub fn render(state: &HubState, mux: &[Arc<Stats>]) -> String {
-    let m = &state.metrics;
-    let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
+/// Encodes one counter family `name{label="value"}` from `samples`.
+fn encode_counters(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    label: &'static str,
+    samples: &[(&'static str, u64)],
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(
+        name,
+        help,
+        None,
+        prometheus_client::metrics::MetricType::Counter,
+    )?;
+    for (value, n) in samples {
+        let labels = [(label, *value)];
+        let m = family.encode_family(&labels)?;
+        ConstCounter::new(*n).encode(m)?;
+    }
+    Ok(())
+}
+
+/// The listeners' connection counters, read at scrape time.
+#[derive(Debug)]
+pub struct MuxCollector(pub Vec<Arc<Stats>>);
+
+impl Collector for MuxCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = self
+            .0
+            .iter()
+            .fold(listenmux::StatsSnapshot::default(), |a, s| a + s.snapshot());
+        encode_counters(
+            &mut encoder,
+            "backchannel_hub_connections",
+            "Accepted connections by kind",
+            "kind",
+            &[("plain", s.plain), ("backchannel", s.handshakes)],
+        )?;
+        encode_counters(
+            &mut encoder,
+            "backchannel_hub_handshake_failures",
+            "Connections that failed before becoming a gRPC connection, by reason",
+            "reason",
+            &[
+                ("handshake_timeout", s.handshake_timeouts),
+                ("handshake_io", s.handshake_io_errors),
+                ("handshake_protocol", s.handshake_protocol_errors),
+                ("tls", s.tls_failures),
+                ("sniff_timeout", s.sniff_timeouts),
+                ("sniff_error", s.sniff_errors),
+                ("overload", s.rejected_overload),
+            ],
+        )
+    }
+}
+
+/// Renders `registry` in the OpenMetrics text format.
+pub fn render(registry: &Registry) -> String {
     let mut out = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} {kind}");
-        for (labels, v) in samples {
-            if labels.is_empty() {
-                let _ = writeln!(out, "{name} {v}");
-            } else {
-                let _ = writeln!(out, "{name}{{{labels}}} {v}");
-            }
-        }
-    };
-    metric(
-        "backchannel_hub_peers",
-        "gauge",
-        "Peers connected now.",
-        &[("", state.registry().len() as u64)],
-    );
-    metric(
-        "backchannel_hub_sessions_opened_total",
-        "counter",
-        "Backchannel sessions that completed their handshake.",
-        &[("", r(&m.sessions_opened))],
-    );
-    metric(
-        "backchannel_hub_sessions_closed_total",
-        "counter",
-        "Backchannel sessions that ended.",
-        &[("", r(&m.sessions_closed))],
-    );
-    metric(
-        "backchannel_hub_streams_opened_total",
-        "counter",
-        "Routed calls (HTTP/2 streams) opened to peers.",
-        &[("", r(&m.streams_opened))],
-    );
-    metric(
-        "backchannel_hub_streams_in_flight",
-        "gauge",
-        "Routed calls running now.",
-        &[("", state.calls_in_flight().max(0) as u64)],
-    );
-    let calls: Vec<(String, u64)> = m
-        .calls
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .iter()
-        .map(|(k, v)| (format!("code=\"{k}\""), *v))
-        .collect();
-    let calls: Vec<(&str, u64)> = calls.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-    metric(
-        "backchannel_hub_calls_total",
-        "counter",
-        "Routed calls by final gRPC status (including routing failures).",
-        &calls,
-    );
-    metric(
-        "backchannel_hub_bytes_total",
-        "counter",
-        "Message bytes of routed calls, by direction.",
-        &[
-            ("direction=\"to_peer\"", r(&m.bytes_to_peers)),
-            ("direction=\"from_peer\"", r(&m.bytes_from_peers)),
-        ],
-    );
-    let s = mux
-        .iter()
-        .fold(listenmux::StatsSnapshot::default(), |a, s| a + s.snapshot());
-    metric(
-        "backchannel_hub_connections_total",
-        "counter",
-        "Accepted connections by kind.",
-        &[
-            ("kind=\"plain\"", s.plain),
-            ("kind=\"backchannel\"", s.handshakes),
-        ],
-    );
-    metric(
-        "backchannel_hub_handshake_failures_total",
-        "counter",
-        "Connections that failed before becoming a gRPC connection, by reason.",
-        &[
-            ("reason=\"handshake_timeout\"", s.handshake_timeouts),
-            ("reason=\"handshake_io\"", s.handshake_io_errors),
-            ("reason=\"handshake_protocol\"", s.handshake_protocol_errors),
-            ("reason=\"tls\"", s.tls_failures),
-            ("reason=\"sniff_timeout\"", s.sniff_timeouts),
-            ("reason=\"sniff_error\"", s.sniff_errors),
-            ("reason=\"overload\"", s.rejected_overload),
-        ],
-    );
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, registry);
     out
 }
 
-/// Serves `GET /metrics` (any path) on `listener` until the task is aborted.
-pub async fn serve(listener: TcpListener, state: Arc<HubState>, mux: Vec<Arc<Stats>>) {
-    loop {
-        let Ok((mut conn, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        let state = state.clone();
-        let mux = mux.clone();
-        tokio::spawn(async move {
-            let mut buf = Vec::with_capacity(1024);
-            let read_head = async {
-                let mut chunk = [0u8; 1024];
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16 * 1024 {
-                    let n = conn.read(&mut chunk).await?;
-                    if n == 0 {
-                        break;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                }
-                Ok::<_, std::io::Error>(())
-            };
-            if tokio::time::timeout(Duration::from_secs(5), read_head)
-                .await
-                .is_err()
-            {
-                return;
+/// Serves `GET /metrics` on `listener` (axum, HTTP/1.1) until the task is
+/// aborted.
+pub async fn serve(listener: TcpListener, registry: Arc<Registry>) {
+    let app = Router::new().route(
+        "/metrics",
+        get(move || {
+            let registry = registry.clone();
+            async move {
+                (
+                    [(
+                        CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    render(&registry),
+                )
+                    .into_response()
             }
-            let line = String::from_utf8_lossy(&buf);
-            let first = line.lines().next().unwrap_or("");
-            let (status, ctype, body) = if first.starts_with("GET ") {
-                (
-                    "200 OK",
-                    "text/plain; version=0.0.4; charset=utf-8",
-                    render(&state, &mux),
-                )
-            } else {
-                (
-                    "405 Method Not Allowed",
-                    "text/plain",
-                    "only GET\n".to_string(),
-                )
-            };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = conn.write_all(resp.as_bytes()).await;
-            let _ = conn.shutdown().await;
-        });
+        }),
+    );
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::warn!(error = %e, "metrics endpoint stopped");
     }
 }

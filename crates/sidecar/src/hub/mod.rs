@@ -151,11 +151,11 @@ impl Hub {
                     .await
                     .with_context(|| format!("listening for metrics on {m}"))?;
                 metrics_addr = Some(l.local_addr()?);
-                Some(tokio::spawn(metrics::serve(
-                    l,
-                    state.clone(),
-                    vec![stats.clone()],
-                )))
+                let mut registry = prometheus_client::registry::Registry::default();
+                state.metrics.register(&mut registry);
+                registry.register_collector(Box::new(state::StateCollector(state.clone())));
+                registry.register_collector(Box::new(metrics::MuxCollector(vec![stats.clone()])));
+                Some(tokio::spawn(metrics::serve(l, Arc::new(registry))))
             }
             None => None,
         };

@@ -123,7 +123,7 @@ impl HubState {
             if t.peers.contains_key(&info.id) || self.registry.get(info.id).is_none() {
                 return;
             }
-            self.metrics.sessions_opened.fetch_add(1, Ordering::Relaxed);
+            self.metrics.sessions_opened.inc();
             let e = Entry {
                 info,
                 name: String::new(),
@@ -147,7 +147,7 @@ impl HubState {
             if t.names.get(&e.name) == Some(&id) {
                 t.names.remove(&e.name);
             }
-            self.metrics.sessions_closed.fetch_add(1, Ordering::Relaxed);
+            self.metrics.sessions_closed.inc();
             to_pb(&e)
         };
         tracing::info!(peer = id, name = %event.name, "peer left");
@@ -337,6 +337,45 @@ fn to_pb(e: &Entry) -> Peer {
     }
 }
 
+/// The hub's gauges, read at scrape time: peers connected and routed calls
+/// in flight.
+pub struct StateCollector(pub Arc<HubState>);
+
+impl std::fmt::Debug for StateCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateCollector").finish_non_exhaustive()
+    }
+}
+
+impl prometheus_client::collector::Collector for StateCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::{
+            encoding::EncodeMetric,
+            metrics::{gauge::ConstGauge, MetricType},
+        };
+        let gauges = [
+            (
+                "backchannel_hub_peers",
+                "Peers connected now",
+                self.0.registry().len() as i64,
+            ),
+            (
+                "backchannel_hub_streams_in_flight",
+                "Routed calls running now",
+                self.0.calls_in_flight().max(0),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            ConstGauge::new(value).encode(m)?;
+        }
+        Ok(())
+    }
+}
+
 /// Counts one routed call in the peer's counters and the hub's metrics.
 struct CallGuard {
     state: Arc<HubState>,
@@ -348,7 +387,7 @@ impl CallGuard {
         counters.in_flight.fetch_add(1, Ordering::Relaxed);
         counters.calls.fetch_add(1, Ordering::Relaxed);
         state.in_flight.fetch_add(1, Ordering::SeqCst);
-        state.metrics.streams_opened.fetch_add(1, Ordering::Relaxed);
+        state.metrics.streams_opened.inc();
         CallGuard { state, counters }
     }
 }
@@ -359,7 +398,7 @@ impl CallObserver for CallGuard {
         self.state
             .metrics
             .bytes_to_peers
-            .fetch_add(n, Ordering::Relaxed);
+            .inc_by(n);
     }
     fn bytes_from_target(&self, n: u64) {
         self.counters
@@ -368,7 +407,7 @@ impl CallObserver for CallGuard {
         self.state
             .metrics
             .bytes_from_peers
-            .fetch_add(n, Ordering::Relaxed);
+            .inc_by(n);
     }
     fn finished(&self, code: Option<Code>) {
         self.state.metrics.call_finished(code);
