@@ -31,23 +31,80 @@ use clap::{Args, Subcommand};
 use report::{Counters, Progress, Record};
 use workload::{conn, Conn};
 
+/// A workload of `--workloads`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workload {
+    /// Unary calls of `--size` bytes at each `--concurrency`.
+    Echo,
+    /// Client streaming of `--total` bytes in each `--message-size`.
+    Upload,
+    /// Server streaming of `--total` bytes in each `--message-size`.
+    Download,
+    /// Raw bytes through one TCP socket / yamux stream (no gRPC).
+    Copy,
+}
+
+/// A gRPC path of `--paths`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathKind {
+    /// tonic client -> tonic server over TCP (the baseline).
+    Plain,
+    /// backchannel client -> server on yamux stream 1.
+    Forward,
+    /// server -> client through the registry.
+    Reverse,
+    /// caller -> hub -> agent -> service.
+    Hub,
+    /// tonic over a bare tokio-yamux session (the "before").
+    TokioYamux,
+    /// Every path above.
+    All,
+}
+
+impl PathKind {
+    const EVERY: [PathKind; 5] = [
+        PathKind::Plain,
+        PathKind::Forward,
+        PathKind::Reverse,
+        PathKind::Hub,
+        PathKind::TokioYamux,
+    ];
+
+    /// The name used in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            PathKind::Plain => "plain",
+            PathKind::Forward => "forward",
+            PathKind::Reverse => "reverse",
+            PathKind::Hub => "hub",
+            PathKind::TokioYamux => "tokio-yamux",
+            PathKind::All => "all",
+        }
+    }
+}
+
 /// `backchannel bench` options.
 #[derive(Args, Debug, Clone)]
 #[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
     #[command(subcommand)]
     command: Option<BenchCommand>,
-    /// Workloads to run: echo, upload, download, copy (raw bytes).
+    /// Workloads to run (`copy`: raw bytes through one stream).
     #[arg(
         long,
+        value_enum,
         value_delimiter = ',',
         default_value = "echo,upload,download,copy"
     )]
-    workloads: Vec<String>,
-    /// gRPC paths to compare: plain, forward, reverse, hub, tokio-yamux
-    /// ("all" for every one).
-    #[arg(long, value_delimiter = ',', default_value = "plain,forward,reverse")]
-    paths: Vec<String>,
+    workloads: Vec<Workload>,
+    /// gRPC paths to compare ("all" for every one).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "plain,forward,reverse"
+    )]
+    paths: Vec<PathKind>,
     /// Echo payload size.
     #[arg(long, default_value = "1KiB", value_parser = parse_size)]
     size: u64,
@@ -223,12 +280,13 @@ async fn smoke(mut a: BenchArgs) -> anyhow::Result<()> {
     a.message_size = vec![64 << 10, 1 << 20];
     a.copy_total = 4 << 20;
     a.concurrency = vec![1, 4];
-    a.workloads = ["echo", "upload", "download", "copy"]
-        .map(String::from)
-        .to_vec();
-    a.paths = ["plain", "forward", "reverse", "hub", "tokio-yamux"]
-        .map(String::from)
-        .to_vec();
+    a.workloads = vec![
+        Workload::Echo,
+        Workload::Upload,
+        Workload::Download,
+        Workload::Copy,
+    ];
+    a.paths = vec![PathKind::All];
     let start = Instant::now();
     let records = run_local(&a, true).await?;
     let mut failed: Vec<String> = records
@@ -290,12 +348,11 @@ struct Env {
 async fn setup(a: &BenchArgs) -> anyhow::Result<Env> {
     let (server_cfg, client_cfg) = paths::session_configs(a.window.map(|w| w as u32));
     let window = server_cfg.max_stream_window;
-    let mut want: Vec<String> = a.paths.iter().map(|p| p.trim().to_string()).collect();
-    if want.iter().any(|p| p == "all") {
-        want = ["plain", "forward", "reverse", "hub", "tokio-yamux"]
-            .map(String::from)
-            .to_vec();
-    }
+    let want: Vec<PathKind> = if a.paths.contains(&PathKind::All) {
+        PathKind::EVERY.to_vec()
+    } else {
+        a.paths.clone()
+    };
     let mut env = Env {
         channels: Vec::new(),
         window,
@@ -306,22 +363,23 @@ async fn setup(a: &BenchArgs) -> anyhow::Result<Env> {
         _clients: Vec::new(),
     };
     let mut bc: Option<(paths::BcServer, backchannel::Client)> = None;
-    for p in &want {
-        match p.as_str() {
-            "plain" => {
+    for &kind in &want {
+        let p = kind.name().to_string();
+        match kind {
+            PathKind::Plain => {
                 let (addr, task) = paths::plain_server().await?;
                 env._keep.push(task);
                 env.channels
                     .push((p.clone(), conn(paths::plain_channel(&addr).await?)));
             }
-            "forward" | "reverse" => {
+            PathKind::Forward | PathKind::Reverse => {
                 if bc.is_none() {
                     let server = paths::bc_server(server_cfg.clone()).await?;
                     let client = paths::bc_client(&server.addr, client_cfg.clone()).await?;
                     bc = Some((server, client));
                 }
                 let (server, client) = bc.as_ref().expect("set above");
-                let ch = if p == "forward" {
+                let ch = if kind == PathKind::Forward {
                     client.channel()
                 } else {
                     // The peer registers when its handshake completes.
@@ -339,21 +397,19 @@ async fn setup(a: &BenchArgs) -> anyhow::Result<Env> {
                 };
                 env.channels.push((p.clone(), conn(ch)));
             }
-            "hub" => match paths::hub_conn().await {
+            PathKind::Hub => match paths::hub_conn().await {
                 Ok((c, keep)) => {
                     env._hub.extend(keep);
                     env.channels.push((p.clone(), c));
                 }
                 Err(e) => bail!("setting up the hub path: {e:#}"),
             },
-            "tokio-yamux" => {
+            PathKind::TokioYamux => {
                 let (ch, task) = paths::tokio_yamux_channel(window).await?;
                 env._keep.push(task);
                 env.channels.push((p.clone(), conn(ch)));
             }
-            other => {
-                bail!("unknown path {other:?} (plain, forward, reverse, hub, tokio-yamux, all)")
-            }
+            PathKind::All => continue, // expanded above
         }
     }
     if let Some((s, c)) = bc {
@@ -385,23 +441,22 @@ fn jobs(a: &BenchArgs) -> anyhow::Result<(Vec<Job>, bool)> {
     let mut jobs = Vec::new();
     let mut copy = false;
     for w in &a.workloads {
-        match w.trim() {
-            "echo" => jobs.extend(a.concurrency.iter().map(|&conc| Job::Echo {
+        match w {
+            Workload::Echo => jobs.extend(a.concurrency.iter().map(|&conc| Job::Echo {
                 size: a.size as usize,
                 conc,
             })),
-            "upload" => jobs.extend(
+            Workload::Upload => jobs.extend(
                 a.message_size
                     .iter()
                     .map(|&m| Job::Upload { msg: m as usize }),
             ),
-            "download" => jobs.extend(
+            Workload::Download => jobs.extend(
                 a.message_size
                     .iter()
                     .map(|&m| Job::Download { msg: m as usize }),
             ),
-            "copy" => copy = true,
-            other => bail!("unknown workload {other:?} (echo, upload, download, copy)"),
+            Workload::Copy => copy = true,
         }
     }
     Ok((jobs, copy))

@@ -17,7 +17,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use super::{
     paths,
-    report::{json_str, new_histogram, record},
+    report::{new_histogram, record},
     sys, workload, PeersArgs,
 };
 use backchannel_testkit::pb::bench;
@@ -81,23 +81,24 @@ impl PeersResult {
 
     /// One JSON line.
     pub fn json(&self) -> String {
-        format!(
-            "{{\"kind\":\"peers\",\"peers\":{},\"connect_secs\":{:.3},\"connect_per_sec\":{:.1},\"server_rss_bytes_per_idle_peer\":{:.0},\"client_rss_bytes_per_peer\":{:.0},\"reverse_cold_p50_us\":{},\"reverse_cold_p99_us\":{},\"reverse_cold_max_us\":{},\"reverse_warm_p50_us\":{},\"reverse_warm_p99_us\":{},\"reverse_warm_max_us\":{},\"server_rss_bytes_per_called_peer\":{:.0},\"nofile\":{},\"path\":{}}}",
-            self.peers,
-            self.connect_secs,
-            self.rate(),
-            self.server_bytes_per_peer,
-            self.client_bytes_per_peer,
-            self.cold.0,
-            self.cold.1,
-            self.cold.2,
-            self.warm.0,
-            self.warm.1,
-            self.warm.2,
-            self.server_bytes_per_called_peer,
-            self.nofile.1,
-            json_str("backchannel"),
-        )
+        serde_json::json!({
+            "kind": "peers",
+            "peers": self.peers,
+            "connect_secs": self.connect_secs,
+            "connect_per_sec": self.rate(),
+            "server_rss_bytes_per_idle_peer": self.server_bytes_per_peer,
+            "client_rss_bytes_per_peer": self.client_bytes_per_peer,
+            "reverse_cold_p50_us": self.cold.0,
+            "reverse_cold_p99_us": self.cold.1,
+            "reverse_cold_max_us": self.cold.2,
+            "reverse_warm_p50_us": self.warm.0,
+            "reverse_warm_p99_us": self.warm.1,
+            "reverse_warm_max_us": self.warm.2,
+            "server_rss_bytes_per_called_peer": self.server_bytes_per_called_peer,
+            "nofile": self.nofile.1,
+            "path": "backchannel",
+        })
+        .to_string()
     }
 }
 

@@ -302,49 +302,29 @@ pub fn table(summaries: &[Summary]) -> String {
     out
 }
 
-/// Escapes a string for JSON.
-pub fn json_str(s: &str) -> String {
-    let mut o = String::with_capacity(s.len() + 2);
-    o.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => o.push_str("\\\""),
-            '\\' => o.push_str("\\\\"),
-            c if (c as u32) < 0x20 => o.push_str(&format!("\\u{:04x}", c as u32)),
-            c => o.push(c),
-        }
-    }
-    o.push('"');
-    o
-}
-
-fn json_opt(v: Option<f64>) -> String {
-    v.map(|v| format!("{v:.4}"))
-        .unwrap_or_else(|| "null".into())
-}
-
 /// One JSON line for a summary.
 pub fn json_line(s: &Summary) -> String {
     let r = &s.med;
-    format!(
-        "{{\"kind\":\"result\",\"workload\":{},\"case\":{},\"path\":{},\"rounds\":{},\"ok_rounds\":{},\"ops_per_sec\":{:.1},\"mb_per_sec\":{:.2},\"p50_us\":{},\"p99_us\":{},\"max_us\":{},\"cpu_s\":{:.3},\"peak_rss_kib\":{},\"baseline\":{},\"throughput_ratio\":{},\"p50_ratio\":{},\"error\":{}}}",
-        json_str(&r.workload),
-        json_str(&r.case),
-        json_str(&r.path),
-        s.rounds,
-        s.ok_rounds,
-        s.ops_s,
-        s.mb_s,
-        r.p50_us,
-        r.p99_us,
-        r.max_us,
-        r.cpu,
-        r.peak_rss_kib,
-        s.baseline.as_deref().map(json_str).unwrap_or_else(|| "null".into()),
-        json_opt(s.tput_ratio),
-        json_opt(s.p50_ratio),
-        s.error.as_deref().map(json_str).unwrap_or_else(|| "null".into()),
-    )
+    serde_json::json!({
+        "kind": "result",
+        "workload": r.workload,
+        "case": r.case,
+        "path": r.path,
+        "rounds": s.rounds,
+        "ok_rounds": s.ok_rounds,
+        "ops_per_sec": s.ops_s,
+        "mb_per_sec": s.mb_s,
+        "p50_us": r.p50_us,
+        "p99_us": r.p99_us,
+        "max_us": r.max_us,
+        "cpu_s": r.cpu,
+        "peak_rss_kib": r.peak_rss_kib,
+        "baseline": s.baseline,
+        "throughput_ratio": s.tput_ratio,
+        "p50_ratio": s.p50_ratio,
+        "error": s.error,
+    })
+    .to_string()
 }
 
 /// Counters a running workload updates, read by the progress line.

@@ -89,7 +89,10 @@ impl FromStr for Target {
         if s.is_empty() {
             return Err(AddrError::Empty);
         }
-        if let Some(path) = s.strip_prefix("unix://").or_else(|| s.strip_prefix("unix:")) {
+        if let Some(path) = s
+            .strip_prefix("unix://")
+            .or_else(|| s.strip_prefix("unix:"))
+        {
             if path.is_empty() {
                 return Err(AddrError::NoUnixPath);
             }

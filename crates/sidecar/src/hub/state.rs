@@ -395,19 +395,13 @@ impl CallGuard {
 impl CallObserver for CallGuard {
     fn bytes_to_target(&self, n: u64) {
         self.counters.bytes_to_peer.fetch_add(n, Ordering::Relaxed);
-        self.state
-            .metrics
-            .bytes_to_peers
-            .inc_by(n);
+        self.state.metrics.bytes_to_peers.inc_by(n);
     }
     fn bytes_from_target(&self, n: u64) {
         self.counters
             .bytes_from_peer
             .fetch_add(n, Ordering::Relaxed);
-        self.state
-            .metrics
-            .bytes_from_peers
-            .inc_by(n);
+        self.state.metrics.bytes_from_peers.inc_by(n);
     }
     fn finished(&self, code: Option<Code>) {
         self.state.metrics.call_finished(code);
