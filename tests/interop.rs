@@ -1,4 +1,4 @@
-//! Wire compatibility with the Go implementation of the design (issue 3).
+//! Wire compatibility with the Go implementation of the design.
 //!
 //! Every test runs the Go peer `tests/interop/go/gopeer` (hashicorp/yamux +
 //! grpc-go, built from Debian's packages by `tests/interop/go/build.sh` into

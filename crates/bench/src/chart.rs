@@ -1,6 +1,6 @@
 //! The chart: every path's throughput as a ratio of its baseline (plain
 //! tonic, or raw TCP for the raw yamux copy), one bar per case, with the
-//! targets of issue 5 as horizontal marks.
+//! performance targets as horizontal marks.
 
 use std::path::Path;
 
@@ -95,7 +95,7 @@ pub fn write(path: &Path, summaries: &[Summary], title: &str) -> anyhow::Result<
             .map_err(|e| anyhow!("{e}"))?;
     }
     root.draw_text(
-        "red marks: issue 5 targets; black line: parity with the baseline (plain tonic; raw TCP for raw-yamux; forward for hub)",
+        "red marks: targets; black line: parity with the baseline (plain tonic; raw TCP for raw-yamux; forward for hub)",
         &("sans-serif", 11).into_font().color(&BLACK),
         (12, 462),
     )
@@ -104,7 +104,7 @@ pub fn write(path: &Path, summaries: &[Summary], title: &str) -> anyhow::Result<
     Ok(())
 }
 
-/// The issue-5 throughput target for a summary, if it has one.
+/// The throughput target for a summary, if it has one.
 pub fn target(s: &Summary) -> Option<f64> {
     match (s.med.workload.as_str(), s.med.path.as_str()) {
         ("upload" | "download", "forward" | "reverse") => Some(0.95),

@@ -1,4 +1,5 @@
-//! `backchannel bench`: the benchmark of issue 5.
+//! `backchannel-bench`: backchannel's paths against plain tonic and
+//! tokio-yamux, in one process, with ratios taken within each run.
 //!
 //! Every path runs in this process on loopback TCP, back to back within
 //! each round, so ratios are taken between runs seconds apart:
@@ -9,7 +10,7 @@
 //! | `forward` | backchannel client -> server on yamux stream 1 (listenmux, handshake) |
 //! | `reverse` | server -> client through `Registry::backchannel` |
 //! | `hub` | caller -> hub -> agent -> service (in-process `hub::Hub` and `agent::Agent`) |
-//! | `tokio-yamux` | the "before": tonic over a bare tokio-yamux session with the stream wrapper the library used until it got its own yamux |
+//! | `tokio-yamux` | tonic over a bare tokio-yamux session: the independent yamux implementation as a reference |
 //! | `raw-tcp` / `raw-yamux` / `raw-tokio-yamux` | the `copy` workload: bytes through one TCP socket / one backchannel-yamux stream / one tokio-yamux stream |
 
 pub mod chart;

@@ -117,7 +117,7 @@ pub type Keep = Box<dyn std::any::Any + Send + Sync>;
 /// [`backchannel_sidecar::hub::Hub`], an [`backchannel_sidecar::agent::Agent`] that publishes a plain
 /// Bench server (BenchService) under the name `bench`, and a plain channel to
 /// the hub whose requests carry `backchannel-peer: bench`. Its baseline is
-/// `forward` (issue 5 target: >= 0.6x).
+/// `forward` (target: >= 0.6x).
 pub async fn hub_conn() -> anyhow::Result<(Conn, Vec<Keep>)> {
     let (service_addr, service) = plain_server().await?;
     let hub = backchannel_sidecar::hub::Hub::start(backchannel_sidecar::hub::HubConfig::default())
@@ -242,7 +242,7 @@ pub async fn yamux_pair(
 }
 
 /// The "before" of [`yamux_pair`]: one tokio-yamux stream over loopback TCP,
-/// both ends wrapped as the library used to.
+/// both ends wrapped for tonic (`backchannel_testkit::tokio_yamux`).
 pub async fn tokio_yamux_pair(
     window: u32,
 ) -> anyhow::Result<(TokioYamuxStream, TokioYamuxStream, Vec<Task>)> {

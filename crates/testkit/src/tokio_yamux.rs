@@ -1,6 +1,6 @@
-//! The previous transport, kept as the "before" of every comparison:
-//! tokio-yamux sessions, with the stream wrapper backchannel used until it
-//! got its own yamux (`backchannel-yamux`). The wrapper works around
+//! tokio-yamux, an independent yamux implementation: the reference that
+//! benchmarks compare `backchannel-yamux` against and tests interoperate
+//! with. Sessions, and a stream wrapper for tonic. The wrapper works around
 //! tokio-yamux's write stall (a waker that wakes reader and writer, and
 //! `poll_peek` to process window updates) and coalesces h2's vectored writes
 //! into one frame; see `crates/backchannel/tests/yamux_stall.rs` for the
