@@ -6,7 +6,7 @@ use anyhow::{anyhow, Context as _};
 use backchannel::{Client, ClientBuilder, Registry, ServerHandshaker, SessionConfig};
 use futures::StreamExt;
 use hyper_util::rt::TokioIo;
-use listenmux::{ListenMux, MuxConfig};
+use listenmux::ListenMux;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -87,8 +87,9 @@ pub async fn bc_server(config: SessionConfig) -> anyhow::Result<BcServer> {
     let registry = Registry::new();
     let l = TcpListener::bind("127.0.0.1:0").await?;
     let addr = l.local_addr()?.to_string();
-    let incoming = ListenMux::new(MuxConfig::default())
-        .register(ServerHandshaker::new(registry.clone(), config))
+    let incoming = ListenMux::builder()
+        .handshaker(ServerHandshaker::new(registry.clone(), config))
+        .build()
         .incoming(l);
     let task = tokio::spawn(async move {
         let _ = Server::builder()
