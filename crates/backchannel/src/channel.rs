@@ -96,7 +96,7 @@ fn transport_cause(status: &Status) -> Option<String> {
 }
 
 fn lost(label: &str, status: Status) -> Status {
-    if status.code() != Code::Unknown {
+    if !matches!(status.code(), Code::Unknown | Code::Unavailable) {
         return status;
     }
     match transport_cause(&status) {
