@@ -25,7 +25,10 @@ fn echo(message: &str) -> EchoRequest {
 }
 
 /// Calls Callback.CallMeBack over `channel` and returns (peer id, answering name).
-async fn call_me_back<C>(channel: C, message: &str) -> Result<(backchannel::PeerId, String), tonic::Status>
+async fn call_me_back<C>(
+    channel: C,
+    message: &str,
+) -> Result<(backchannel::PeerId, String), tonic::Status>
 where
     C: tonic::client::GrpcService<tonic::body::Body>,
     C::Error: Into<tonic::codegen::StdError>,

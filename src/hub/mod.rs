@@ -268,7 +268,11 @@ impl Hub {
     }
 
     /// Waits (bounded) until a peer has announced `name`; returns its ID.
-    pub async fn wait_for_name(&self, name: &str, timeout: Duration) -> Option<backchannel::PeerId> {
+    pub async fn wait_for_name(
+        &self,
+        name: &str,
+        timeout: Duration,
+    ) -> Option<backchannel::PeerId> {
         let (_, mut rx) = self.state.watch();
         tokio::time::timeout(timeout, async {
             loop {

@@ -72,7 +72,10 @@ impl<T: std::fmt::Debug> std::fmt::Debug for AuthorityFix<T> {
         f.debug_struct("AuthorityFix")
             .field("inner", &self.inner)
             .field("scan", &self.scan)
-            .field("buffered", &(self.pending.len() + self.ready.len() + self.block_len))
+            .field(
+                "buffered",
+                &(self.pending.len() + self.ready.len() + self.block_len),
+            )
             .finish()
     }
 }

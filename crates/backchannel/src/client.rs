@@ -297,17 +297,13 @@ impl ClientBuilder {
         if let Some(endpoint) = &self.endpoint {
             return Ok(endpoint.clone());
         }
-        let parsed: http::uri::Authority =
-            authority.parse().map_err(|source| Error::InvalidAuthority {
-                authority: authority.to_string(),
-                source,
-            })?;
-        let uri = http::Uri::builder()
-            .scheme("http")
-            .authority(parsed)
-            .path_and_query("/")
-            .build()
-            .expect("scheme, authority and path are valid");
+        let invalid = |source| Error::InvalidAuthority {
+            authority: authority.to_string(),
+            source,
+        };
+        // An authority alone: `host:port/path` is refused.
+        let parsed: http::uri::Authority = authority.parse().map_err(invalid)?;
+        let uri: http::Uri = format!("http://{parsed}/").parse().map_err(invalid)?;
         Ok(Endpoint::from(uri)
             .initial_stream_window_size(crate::H2_STREAM_WINDOW)
             .initial_connection_window_size(crate::H2_CONNECTION_WINDOW))
@@ -325,9 +321,7 @@ impl ClientBuilder {
         let span = info_span!("backchannel_client", server = %label);
         let io = secure(io, &self.tls, self.config.handshake_timeout()).await?;
         let started = start_session(io, &self.config, &self.server, routes, label, span);
-        let Started {
-            session, first, ..
-        } = started?;
+        let Started { session, first, .. } = started?;
         let guard = Arc::new(CloseOnDrop(session.clone()));
         let slot = Arc::new(Mutex::new(Some(first)));
         let timeout = self.config.handshake_timeout();

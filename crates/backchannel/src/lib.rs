@@ -82,3 +82,8 @@ pub const H2_CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
 
 /// The 11 bytes a client sends first: ASCII `backchannel`.
 pub const MAGIC: listenmux::Magic = *b"backchannel";
+
+/// The README's examples, compiled as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -103,7 +103,11 @@ impl Backoff {
 
     /// Sets [`jitter`](Self::jitter) (clamped to 0..=1).
     pub fn with_jitter(mut self, j: f64) -> Self {
-        self.jitter = if j.is_finite() { j.clamp(0.0, 1.0) } else { 0.0 };
+        self.jitter = if j.is_finite() {
+            j.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
         self
     }
 
@@ -133,7 +137,9 @@ impl Backoff {
         if failures == 0 {
             return Duration::ZERO;
         }
-        let exp = self.multiplier.powi(failures.saturating_sub(1).min(64) as i32);
+        let exp = self
+            .multiplier
+            .powi(failures.saturating_sub(1).min(64) as i32);
         let base = (self.initial.as_secs_f64() * exp).min(self.max.as_secs_f64());
         let factor = 1.0 + self.jitter * (2.0 * fastrand::f64() - 1.0);
         Duration::try_from_secs_f64(base * factor).unwrap_or(self.max)
@@ -279,7 +285,9 @@ impl ReconnectingClient {
             closed: AtomicBool::new(false),
         });
         let span = info_span!("backchannel_client", server = %target, reconnecting = true);
-        let task = tokio::spawn(dial_loop(builder, target.clone(), routes, shared.clone()).instrument(span));
+        let task = tokio::spawn(
+            dial_loop(builder, target.clone(), routes, shared.clone()).instrument(span),
+        );
         let supervisor = Arc::new(Supervisor(task));
         let connector_shared = shared.clone();
         let connector_supervisor = supervisor.clone();
@@ -382,7 +390,14 @@ async fn dial_loop(builder: ClientBuilder, target: Target, routes: Routes, share
             Ok::<_, Error>((started, remote))
         }
         .await;
-        let (Started { session, first, end }, remote) = match dialled {
+        let (
+            Started {
+                session,
+                first,
+                end,
+            },
+            remote,
+        ) = match dialled {
             Ok(d) => d,
             Err(error) => {
                 failures = failures.saturating_add(1);

@@ -277,4 +277,3 @@ impl Registry {
         self.inner.events.subscribe()
     }
 }
-

@@ -227,12 +227,12 @@ fn default_reverse_endpoint(remote: Option<std::net::SocketAddr>) -> Endpoint {
 /// A tonic channel to the client: each (re)connect opens a new yamux stream.
 fn reverse_channel(session: SessionHandle, endpoint: Endpoint) -> tonic::transport::Channel {
     endpoint.connect_with_connector_lazy(tower::service_fn(move |_uri| {
-            let session = session.clone();
-            async move {
-                let stream = session.open_stream()?;
-                Ok::<_, Error>(TokioIo::new(stream))
-            }
-        }))
+        let session = session.clone();
+        async move {
+            let stream = session.open_stream()?;
+            Ok::<_, Error>(TokioIo::new(stream))
+        }
+    }))
 }
 
 /// Stream 1 as the gRPC server's connection; when the server drops it, the

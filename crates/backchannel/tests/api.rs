@@ -19,15 +19,25 @@ async fn forward_calls_see_the_tcp_peer_address_and_the_peer_id() {
     let tcp = TcpStream::connect(server.addr).await.unwrap();
     let local = tcp.local_addr().unwrap();
     let client = ClientBuilder::new()
-        .connect_io(tcp, &server.addr.to_string(), health_routes(Log::default(), false))
+        .connect_io(
+            tcp,
+            &server.addr.to_string(),
+            health_routes(Log::default(), false),
+        )
         .await
         .unwrap();
-    assert_eq!(check(client.channel()).await.unwrap(), ServingStatus::Serving);
+    assert_eq!(
+        check(client.channel()).await.unwrap(),
+        ServingStatus::Serving
+    );
     let seen = server.last();
     assert_eq!(seen.remote, Some(local), "{seen:?}");
     assert_eq!(seen.peer, Some(PeerId::new(1)));
     assert!(seen.certs.is_none());
-    assert_eq!(server.registry.get(PeerId::new(1)).unwrap().remote_addr, Some(local));
+    assert_eq!(
+        server.registry.get(PeerId::new(1)).unwrap().remote_addr,
+        Some(local)
+    );
 }
 
 #[tokio::test]
@@ -45,7 +55,10 @@ async fn forward_calls_over_tls_see_the_client_certificate() {
         .connect_io(tcp, "localhost", health_routes(Log::default(), false))
         .await
         .unwrap();
-    assert_eq!(check(client.channel()).await.unwrap(), ServingStatus::Serving);
+    assert_eq!(
+        check(client.channel()).await.unwrap(),
+        ServingStatus::Serving
+    );
     let seen = server.last();
     assert_eq!(seen.remote, Some(local), "{seen:?}");
     assert_eq!(seen.peer, Some(PeerId::new(1)));
@@ -71,7 +84,10 @@ async fn reverse_calls_reach_the_client_and_a_handler_unknown_stays_unknown() {
     let server = TestServer::tcp().await;
     let client_log = Log::default();
     let client = ClientBuilder::new()
-        .connect_tcp(&server.addr.to_string(), health_routes(client_log.clone(), false))
+        .connect_tcp(
+            &server.addr.to_string(),
+            health_routes(client_log.clone(), false),
+        )
         .await
         .unwrap();
     let peer = server.first_peer().await;
@@ -83,7 +99,10 @@ async fn reverse_calls_reach_the_client_and_a_handler_unknown_stays_unknown() {
     // A status the peer's handler sends is passed on as it is: only a lost
     // transport becomes UNAVAILABLE.
     let failing = ClientBuilder::new()
-        .connect_tcp(&server.addr.to_string(), health_routes(Log::default(), true))
+        .connect_tcp(
+            &server.addr.to_string(),
+            health_routes(Log::default(), true),
+        )
         .await
         .unwrap();
     let mut events = server.registry.subscribe();
@@ -112,10 +131,16 @@ async fn reverse_calls_reach_the_client_and_a_handler_unknown_stays_unknown() {
 async fn the_forward_channel_reports_a_lost_session_as_unavailable() {
     let mut server = TestServer::tcp().await;
     let client = ClientBuilder::new()
-        .connect_tcp(&server.addr.to_string(), health_routes(Log::default(), false))
+        .connect_tcp(
+            &server.addr.to_string(),
+            health_routes(Log::default(), false),
+        )
         .await
         .unwrap();
-    assert_eq!(check(client.channel()).await.unwrap(), ServingStatus::Serving);
+    assert_eq!(
+        check(client.channel()).await.unwrap(),
+        ServingStatus::Serving
+    );
     server.kill().await;
     tokio::time::timeout(Duration::from_secs(10), client.closed())
         .await
@@ -165,7 +190,10 @@ async fn tls_to_a_server_without_tls_fails_in_the_tls_step() {
             pki.anonymous_client.clone().into(),
             ServerName::try_from("localhost").unwrap(),
         )
-        .connect_tcp(&server.addr.to_string(), health_routes(Log::default(), false))
+        .connect_tcp(
+            &server.addr.to_string(),
+            health_routes(Log::default(), false),
+        )
         .await
         .unwrap_err();
     assert_eq!(err.step(), Some(Step::Tls), "{err:?}");
@@ -211,8 +239,14 @@ async fn the_forward_endpoint_settings_apply() {
         .timeout(Duration::from_secs(5));
     let client = ClientBuilder::new()
         .endpoint(endpoint)
-        .connect_tcp(&server.addr.to_string(), health_routes(Log::default(), false))
+        .connect_tcp(
+            &server.addr.to_string(),
+            health_routes(Log::default(), false),
+        )
         .await
         .unwrap();
-    assert_eq!(check(client.channel()).await.unwrap(), ServingStatus::Serving);
+    assert_eq!(
+        check(client.channel()).await.unwrap(),
+        ServingStatus::Serving
+    );
 }

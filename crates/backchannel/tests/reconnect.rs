@@ -66,20 +66,37 @@ async fn the_same_channel_works_again_after_the_server_comes_back() {
     let channel = client.channel();
 
     // First session.
-    assert_eq!(tokio::time::timeout(WAIT, client.wait_connected()).await.unwrap(), 1);
-    assert_eq!(check(channel.clone()).await.unwrap(), ServingStatus::Serving);
+    assert_eq!(
+        tokio::time::timeout(WAIT, client.wait_connected())
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        check(channel.clone()).await.unwrap(),
+        ServingStatus::Serving
+    );
     assert_eq!(reverse_call(&server).await, ServingStatus::Serving);
     assert_eq!(client_log.lock().unwrap().len(), 1);
 
     // The server dies: listener closed, sessions ended.
     server.kill().await;
-    let e = next_event(&mut events, |e| matches!(e, ConnectionEvent::Disconnected { .. })).await;
-    assert!(matches!(e, ConnectionEvent::Disconnected { session: 1, .. }), "{e:?}");
+    let e = next_event(&mut events, |e| {
+        matches!(e, ConnectionEvent::Disconnected { .. })
+    })
+    .await;
+    assert!(
+        matches!(e, ConnectionEvent::Disconnected { session: 1, .. }),
+        "{e:?}"
+    );
     assert!(!client.is_connected());
     let err = check(channel.clone()).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     // It keeps dialling, and each failure says it was the connect step.
-    let e = next_event(&mut events, |e| matches!(e, ConnectionEvent::ConnectFailed { .. })).await;
+    let e = next_event(&mut events, |e| {
+        matches!(e, ConnectionEvent::ConnectFailed { .. })
+    })
+    .await;
     match e {
         ConnectionEvent::ConnectFailed { error, .. } => {
             assert_eq!(error.step(), Some(Step::Connect), "{error:?}")
@@ -104,7 +121,10 @@ async fn the_same_channel_works_again_after_the_server_comes_back() {
     }
     assert_eq!(client.session(), Some(2));
     // The same channel, the same reverse routes on the new session.
-    assert_eq!(check(channel.clone()).await.unwrap(), ServingStatus::Serving);
+    assert_eq!(
+        check(channel.clone()).await.unwrap(),
+        ServingStatus::Serving
+    );
     assert_eq!(reverse_call(&server).await, ServingStatus::Serving);
     assert_eq!(client_log.lock().unwrap().len(), 2);
     assert_eq!(server.registry.len(), 1, "one session at a time");
@@ -130,11 +150,17 @@ async fn a_client_started_before_its_server_connects_when_it_appears() {
     let mut events = client.subscribe();
     let err = check(client.channel()).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    next_event(&mut events, |e| matches!(e, ConnectionEvent::ConnectFailed { .. })).await;
+    next_event(&mut events, |e| {
+        matches!(e, ConnectionEvent::ConnectFailed { .. })
+    })
+    .await;
 
     let server = start(addr).await;
     next_event(&mut events, connected).await;
-    assert_eq!(check(client.channel()).await.unwrap(), ServingStatus::Serving);
+    assert_eq!(
+        check(client.channel()).await.unwrap(),
+        ServingStatus::Serving
+    );
     assert_eq!(reverse_call(&server).await, ServingStatus::Serving);
 }
 
@@ -143,10 +169,15 @@ async fn every_reconnect_is_a_new_peer_on_the_server() {
     let server = TestServer::tcp().await;
     let client = ClientBuilder::new()
         .backoff(fast_backoff())
-        .reconnecting_tcp(&server.addr.to_string(), health_routes(Log::default(), false))
+        .reconnecting_tcp(
+            &server.addr.to_string(),
+            health_routes(Log::default(), false),
+        )
         .unwrap();
     let mut events = client.subscribe();
-    tokio::time::timeout(WAIT, client.wait_connected()).await.unwrap();
+    tokio::time::timeout(WAIT, client.wait_connected())
+        .await
+        .unwrap();
     let first = server.first_peer().await;
     // The server drops this one peer; the client dials a new session.
     server.registry.close(first);
@@ -155,7 +186,10 @@ async fn every_reconnect_is_a_new_peer_on_the_server() {
         matches!(e, ConnectionEvent::Connected { session: 2, .. })
     })
     .await;
-    assert_eq!(check(client.channel()).await.unwrap(), ServingStatus::Serving);
+    assert_eq!(
+        check(client.channel()).await.unwrap(),
+        ServingStatus::Serving
+    );
     let second = server.last().peer.expect("a multiplexed caller");
     assert!(second > first, "{second} after {first}");
     assert_eq!(reverse_call(&server).await, ServingStatus::Serving);
@@ -166,14 +200,22 @@ async fn dropping_every_handle_stops_dialling_and_ends_the_session() {
     let server = TestServer::tcp().await;
     let client = ClientBuilder::new()
         .backoff(fast_backoff())
-        .reconnecting_tcp(&server.addr.to_string(), health_routes(Log::default(), false))
+        .reconnecting_tcp(
+            &server.addr.to_string(),
+            health_routes(Log::default(), false),
+        )
         .unwrap();
-    tokio::time::timeout(WAIT, client.wait_connected()).await.unwrap();
+    tokio::time::timeout(WAIT, client.wait_connected())
+        .await
+        .unwrap();
     let peer = server.first_peer().await;
     let channel = client.channel();
     drop(client);
     // The channel still holds the client up.
-    assert_eq!(check(channel.clone()).await.unwrap(), ServingStatus::Serving);
+    assert_eq!(
+        check(channel.clone()).await.unwrap(),
+        ServingStatus::Serving
+    );
     drop(channel);
     tokio::time::timeout(WAIT, server.registry.wait_gone(peer))
         .await

@@ -95,8 +95,8 @@ fn insert_tonic_connect_info(extensions: &mut http::Extensions) {
 ///     .await?;
 /// # Ok(()) }
 /// ```
-pub fn server_builder(
-) -> tonic::transport::Server<tower::layer::util::Stack<ConnectInfoLayer, tower::layer::util::Identity>>
-{
+pub fn server_builder() -> tonic::transport::Server<
+    tower::layer::util::Stack<ConnectInfoLayer, tower::layer::util::Identity>,
+> {
     tonic::transport::Server::builder().layer(ConnectInfoLayer::new())
 }

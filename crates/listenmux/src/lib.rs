@@ -546,3 +546,8 @@ async fn sniff(io: BoxIo, mut info: ConnInfo, inner: &Inner) -> Result<Sniffed, 
     }
     Ok(Sniffed { io, info, buf, len })
 }
+
+/// The README's examples, compiled as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -15,7 +15,9 @@ use rustls_pki_types::{CertificateDer, ServerName};
 use support::pki::pki;
 use tokio::net::{TcpListener, TcpStream};
 use tonic::transport::Endpoint;
-use tonic_health::pb::{health_client::HealthClient, health_server::HealthServer, HealthCheckRequest};
+use tonic_health::pb::{
+    health_client::HealthClient, health_server::HealthServer, HealthCheckRequest,
+};
 
 /// What the handler saw of one request.
 #[derive(Clone, Debug)]
@@ -83,7 +85,10 @@ async fn tcp_channel(addr: SocketAddr) -> (tonic::transport::Channel, SocketAddr
     let channel = Endpoint::from_static("http://localhost")
         .connect_with_connector(tower::service_fn(move |_| {
             let tcp = slot.lock().unwrap().take();
-            async move { tcp.map(TokioIo::new).ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotConnected)) }
+            async move {
+                tcp.map(TokioIo::new)
+                    .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotConnected))
+            }
         }))
         .await
         .unwrap();
@@ -105,7 +110,10 @@ async fn tls_channel(
     let channel = Endpoint::from_static("http://localhost")
         .connect_with_connector(tower::service_fn(move |_| {
             let tls = slot.lock().unwrap().take();
-            async move { tls.map(TokioIo::new).ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotConnected)) }
+            async move {
+                tls.map(TokioIo::new)
+                    .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotConnected))
+            }
         }))
         .await
         .unwrap();
@@ -113,7 +121,13 @@ async fn tls_channel(
 }
 
 fn last(server: &Server) -> Seen {
-    server.seen.lock().unwrap().last().cloned().expect("a request was seen")
+    server
+        .seen
+        .lock()
+        .unwrap()
+        .last()
+        .cloned()
+        .expect("a request was seen")
 }
 
 #[tokio::test]

@@ -15,8 +15,8 @@ use rustls_pki_types::CertificateDer;
 use tokio::net::TcpListener;
 use tonic::service::Routes;
 use tonic_health::pb::{
-    health_check_response::ServingStatus, health_client::HealthClient,
-    health_server::HealthServer, HealthCheckRequest,
+    health_check_response::ServingStatus, health_client::HealthClient, health_server::HealthServer,
+    HealthCheckRequest,
 };
 
 /// What a handler saw of one request, through tonic's accessors and
@@ -113,7 +113,12 @@ impl TestServer {
     }
 
     pub fn last(&self) -> Seen {
-        self.log.lock().unwrap().last().cloned().expect("a request was seen")
+        self.log
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("a request was seen")
     }
 
     /// Waits (event-driven, bounded) for the first peer and returns its ID.
