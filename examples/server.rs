@@ -1,13 +1,13 @@
 //! `cargo run --example server`, then `cargo run --example client`. `CallMeBack`
 //! calls the caller's own Echo back over the connection the caller opened.
 
-use backchannel::{Registry, ServerHandshaker, SessionConfig};
+use backchannel::{Registry, RequestExt, ServerHandshaker, SessionConfig};
 use backchannel_demo::pb::testing::{
     callback_server::{Callback, CallbackServer},
     echo_client::EchoClient,
     CallMeBackRequest, CallMeBackResponse, EchoRequest, EchoResponse,
 };
-use listenmux::{ListenMux, MuxConfig};
+use listenmux::ListenMux;
 use tonic::{Request, Response, Status};
 
 struct Api(Registry); // the registry of connected peers
@@ -18,7 +18,7 @@ impl Callback for Api {
         &self,
         request: Request<CallMeBackRequest>,
     ) -> Result<Response<CallMeBackResponse>, Status> {
-        let peer_id = backchannel::peer_id(&request)?; // FAILED_PRECONDITION for plain clients
+        let peer_id = request.peer_id()?; // FAILED_PRECONDITION for plain clients
         let channel = self.0.backchannel(peer_id)?;
         let CallMeBackRequest { message, count } = request.into_inner();
         let mut echo = EchoClient::new(channel);
@@ -27,6 +27,7 @@ impl Callback for Api {
             .await?
             .into_inner();
         let reply = Some(reply);
+        let peer_id = peer_id.get();
         Ok(Response::new(CallMeBackResponse { peer_id, reply }))
     }
 
@@ -48,9 +49,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let registry = Registry::new();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:50051").await?;
     let handshaker = ServerHandshaker::new(registry.clone(), SessionConfig::server());
-    let incoming = ListenMux::new(MuxConfig::default())
-        .register(handshaker)
-        .incoming(listener);
+    let mux = ListenMux::builder().handshaker(handshaker).build();
+    let incoming = mux.incoming(listener);
     tonic::transport::Server::builder()
         .add_service(CallbackServer::new(Api(registry)))
         .serve_with_incoming(incoming)

@@ -23,7 +23,10 @@ fn echo(message: &str) -> EchoRequest {
 }
 
 /// Calls Callback.CallMeBack over `channel` and returns (peer id, answering name).
-async fn call_me_back<C>(channel: C, message: &str) -> Result<(u64, String), tonic::Status>
+async fn call_me_back<C>(
+    channel: C,
+    message: &str,
+) -> Result<(backchannel::PeerId, String), tonic::Status>
 where
     C: tonic::client::GrpcService<tonic::body::Body>,
     C::Error: Into<tonic::codegen::StdError>,
@@ -39,7 +42,7 @@ where
         .into_inner();
     let reply = r.reply.expect("reply");
     assert_eq!(reply.message, message);
-    Ok((r.peer_id, reply.server))
+    Ok((backchannel::PeerId::new(r.peer_id), reply.server))
 }
 
 /// Forward call, reverse call, reverse streaming call and disconnect, over
@@ -182,7 +185,7 @@ async fn many_multiplexed_and_plain_clients_at_once_are_routed_to_themselves() {
         futures::future::join_all(plain)
     );
 
-    let mut ids: Vec<u64> = mux.iter().map(|(id, _)| *id).collect();
+    let mut ids: Vec<backchannel::PeerId> = mux.iter().map(|(id, _)| *id).collect();
     ids.sort();
     ids.dedup();
     assert_eq!(ids.len(), 25, "every peer has its own ID");
@@ -225,10 +228,7 @@ async fn time_until_closed(mut s: tokio::net::TcpStream) -> Duration {
 
 #[tokio::test]
 async fn silent_client_is_closed_after_the_sniff_timeout_without_blocking_others() {
-    let mux = MuxConfig {
-        sniff_timeout: Duration::from_millis(300),
-        ..MuxConfig::default()
-    };
+    let mux = MuxConfig::default().with_sniff_timeout(Duration::from_millis(300));
     let server = start_server(Bind::Tcp, mux, SessionConfig::server()).await;
     let silent = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
     let closing = tokio::spawn(time_until_closed(silent));
@@ -490,10 +490,11 @@ async fn large_messages_with_small_windows_and_frequent_pings_do_not_stall() {
     // The client runs no timers of its own: only the peer's pings wake it,
     // which is what turns the lost wake-up into a permanent stall.
     let client = ClientBuilder::new()
-        .config(SessionConfig {
-            keepalive: None,
-            ..SessionConfig::client().with_window(256 * 1024)
-        })
+        .config(
+            SessionConfig::client()
+                .with_window(256 * 1024)
+                .with_keepalive(None),
+        )
         .connect_tcp(&server.addr, common::client_routes("pinged"))
         .await
         .unwrap();
@@ -645,12 +646,13 @@ async fn tls_client_certificates_and_peer_id_reach_the_connection_info() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     // The connections the gRPC server would get, taken directly.
-    let mut incoming = listenmux::ListenMux::new(MuxConfig::default())
-        .with_tls(tokio_rustls::TlsAcceptor::from(server_cfg))
-        .register(backchannel::ServerHandshaker::new(
+    let mut incoming = listenmux::ListenMux::builder()
+        .tls(tokio_rustls::TlsAcceptor::from(server_cfg))
+        .handshaker(backchannel::ServerHandshaker::new(
             registry,
             SessionConfig::server(),
         ))
+        .build()
         .incoming(listener);
 
     let connector = tokio_rustls::TlsConnector::from(client_cfg);
@@ -671,12 +673,15 @@ async fn tls_client_certificates_and_peer_id_reach_the_connection_info() {
         .unwrap()
         .unwrap();
     let info = conn.info();
-    assert_eq!(info.peer_id, Some(1));
-    assert!(info.tls);
-    assert_eq!(info.transport, listenmux::Transport::Tcp);
-    assert!(info.remote_addr.is_some());
     assert_eq!(
-        info.peer_certificates.as_ref().map(|c| c.len()),
+        info.extensions().get::<backchannel::PeerId>(),
+        Some(&backchannel::PeerId::new(1))
+    );
+    assert!(info.is_tls());
+    assert_eq!(info.transport(), listenmux::Transport::Tcp);
+    assert!(info.remote_addr().is_some());
+    assert_eq!(
+        info.peer_certs().as_ref().map(|c| c.len()),
         Some(1),
         "client certificate chain"
     );
@@ -692,8 +697,8 @@ async fn tls_client_certificates_and_peer_id_reach_the_connection_info() {
         .unwrap()
         .unwrap()
         .unwrap();
-    assert_eq!(plain.info().peer_id, None);
-    assert!(plain.info().peer_certificates.is_some());
+    assert_eq!(plain.info().extensions().get::<backchannel::PeerId>(), None);
+    assert!(plain.info().peer_certs().is_some());
     drop((conn, plain, client));
 }
 
@@ -718,7 +723,7 @@ async fn a_handshaker_can_take_the_connection_over() {
                     format!(
                         "pong {} {}",
                         String::from_utf8_lossy(&rest),
-                        info.remote_addr.is_some()
+                        info.remote_addr().is_some()
                     )
                     .as_bytes(),
                 )
@@ -731,12 +736,13 @@ async fn a_handshaker_can_take_the_connection_over() {
     let registry = backchannel::Registry::new();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let mux = listenmux::ListenMux::new(MuxConfig::default())
-        .register(backchannel::ServerHandshaker::new(
+    let mux = listenmux::ListenMux::builder()
+        .handshaker(backchannel::ServerHandshaker::new(
             registry.clone(),
             SessionConfig::server(),
         ))
-        .register(Pong);
+        .handshaker(Pong)
+        .build();
     let stats = mux.stats();
     let incoming = mux.incoming(listener);
     let server = tokio::spawn(
@@ -778,10 +784,9 @@ async fn a_handshaker_can_take_the_connection_over() {
 
 #[tokio::test]
 async fn a_flood_of_silent_connections_is_bounded_and_clearly_refused() {
-    let mux = MuxConfig {
-        sniff_timeout: Duration::from_secs(30),
-        max_pending: 4,
-    };
+    let mux = MuxConfig::default()
+        .with_sniff_timeout(Duration::from_secs(30))
+        .with_max_pending(4);
     let server = start_server(Bind::Tcp, mux, SessionConfig::server()).await;
     let mut silent = Vec::new();
     for _ in 0..4 {
@@ -809,10 +814,12 @@ async fn peers_beyond_the_limit_are_refused_and_counted() {
     let registry = backchannel::Registry::new();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let mux = listenmux::ListenMux::new(MuxConfig::default()).register(
-        backchannel::ServerHandshaker::new(registry.clone(), SessionConfig::server())
-            .with_max_peers(2),
-    );
+    let mux = listenmux::ListenMux::builder()
+        .handshaker(
+            backchannel::ServerHandshaker::new(registry.clone(), SessionConfig::server())
+                .with_max_peers(2),
+        )
+        .build();
     let stats = mux.stats();
     let server = tokio::spawn(
         tonic::transport::Server::builder()

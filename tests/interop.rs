@@ -324,7 +324,7 @@ async fn next_connected(events: &mut broadcast::Receiver<PeerEvent>) -> PeerInfo
     .expect("the Go client did not appear in our registry")
 }
 
-async fn wait_empty(registry: &Registry, id: u64, within: Duration) -> Duration {
+async fn wait_empty(registry: &Registry, id: backchannel::PeerId, within: Duration) -> Duration {
     let t0 = Instant::now();
     tokio::time::timeout(within, registry.wait_gone(id))
         .await
@@ -390,7 +390,7 @@ async fn go_client_to_rust_server() {
     let printed: u64 = field(&ok["callback-unary"], "peer_id")
         .and_then(|v| v.parse().ok())
         .expect("peer_id in callback-unary output");
-    assert_eq!(printed, peer.id);
+    assert_eq!(printed, peer.id.get());
 
     // The Go client has exited: its peer must be gone.
     let took = wait_empty(&server.registry, peer.id, Duration::from_secs(5)).await;

@@ -506,7 +506,9 @@ async fn agent_restart_ends_with_the_name_reachable_again() {
     let old = agent.status().peer_id.unwrap();
 
     agent.stop().await;
-    hub.registry().wait_gone(old).await;
+    hub.registry()
+        .wait_gone(backchannel::PeerId::new(old))
+        .await;
     let st = c.unary(to("svc", echo("while down", 0))).await.unwrap_err();
     assert_eq!(st.code(), Code::NotFound);
 
@@ -532,7 +534,9 @@ async fn newest_agent_with_a_name_wins() {
     let a2 = start_agent(&hub, "svc", &p2).await;
     let id2 = a2.status().peer_id.unwrap();
     assert_ne!(id1, id2);
-    hub.registry().wait_gone(id1).await; // the superseded session is closed
+    hub.registry()
+        .wait_gone(backchannel::PeerId::new(id1))
+        .await; // the superseded session is closed
     let mut c = caller(&hub).await;
     let r = c.unary(to("svc", echo("who", 0))).await.unwrap();
     assert_eq!(r.get_ref().server, "second");

@@ -51,10 +51,13 @@ pub async fn start_server_with(
     bind: Bind,
     mux: MuxConfig,
     session: SessionConfig,
-    mut server: Server,
+    server: Server,
 ) -> TestServer {
     let registry = Registry::new();
-    let mut lm = ListenMux::new(mux).register(ServerHandshaker::new(registry.clone(), session));
+    let mut lm = ListenMux::builder()
+        .config(mux)
+        .handshaker(ServerHandshaker::new(registry.clone(), session));
+    let mut server = server.layer(listenmux::ConnectInfoLayer::new());
     let router = server
         .add_service(EchoServer::new(EchoService::new("server")))
         .add_service(CallbackServer::new(CallbackService {
@@ -64,14 +67,16 @@ pub async fn start_server_with(
     let (addr, unix_path, dir, incoming) = match bind {
         Bind::Tcp | Bind::Tls(_) => {
             if let Bind::Tls(cfg) = &bind {
-                lm = lm.with_tls(tokio_rustls::TlsAcceptor::from(cfg.clone()));
+                lm = lm.tls(tokio_rustls::TlsAcceptor::from(cfg.clone()));
             }
+            let lm = lm.build();
             let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = l.local_addr().unwrap().to_string();
             let stats = lm.stats();
             (addr, None, None, (lm.incoming(l), stats))
         }
         Bind::Unix(dir) => {
+            let lm = lm.build();
             let path = dir.path().join("server.sock");
             let l = tokio::net::UnixListener::bind(&path).unwrap();
             let stats = lm.stats();

@@ -48,6 +48,12 @@ enum Scan {
 
 /// Wraps the server-to-client direction of an inbound HTTP/2 connection; see
 /// the module docs.
+///
+/// ```
+/// let (a, _b) = tokio::io::duplex(1024);
+/// let fixed = backchannel::AuthorityFix::new(a); // read it as an HTTP/2 server would
+/// # drop(fixed);
+/// ```
 pub struct AuthorityFix<T> {
     inner: T,
     scan: Scan,
@@ -59,6 +65,19 @@ pub struct AuthorityFix<T> {
     /// Frames of the header block being collected.
     block: Vec<BytesMut>,
     block_len: usize,
+}
+
+impl<T: std::fmt::Debug> std::fmt::Debug for AuthorityFix<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthorityFix")
+            .field("inner", &self.inner)
+            .field("scan", &self.scan)
+            .field(
+                "buffered",
+                &(self.pending.len() + self.ready.len() + self.block_len),
+            )
+            .finish()
+    }
 }
 
 impl<T> AuthorityFix<T> {

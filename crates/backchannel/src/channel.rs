@@ -14,10 +14,22 @@ use tonic::{body::Body, transport::Channel, Code, Status};
 /// side ([`Registry::backchannel`](crate::Registry::backchannel)). Use it like
 /// a tonic `Channel`: `MyServiceClient::new(channel)`.
 ///
-/// It differs from tonic's `Channel` in one way: when the connection dies
-/// (before or in the middle of a response), tonic reports `UNKNOWN`; this
-/// channel reports `UNAVAILABLE`, naming the peer, as gRPC specifies for a
-/// lost transport. Its service error type is therefore [`Status`].
+/// It differs from tonic's `Channel` in one way: when the transport fails
+/// (the yamux stream is reset, the session ends, no session is up, the
+/// HTTP/2 connection breaks), before or in the middle of a response, tonic
+/// reports `UNKNOWN`; this channel reports `UNAVAILABLE`, naming the peer
+/// and the cause, as gRPC specifies for a lost transport. The cause is read
+/// from the error itself (the I/O error kind of the stream, the yamux open
+/// error, the session state), so an `UNKNOWN` sent by the peer's handler
+/// stays `UNKNOWN`. Its service error type is therefore [`Status`].
+///
+/// ```no_run
+/// # async fn run(registry: backchannel::Registry, id: backchannel::PeerId) -> Result<(), backchannel::Error> {
+/// let channel: backchannel::PeerChannel = registry.backchannel(id)?;
+/// // let mut client = MyClientServiceClient::new(channel);
+/// // client.call(...).await  // Err(UNAVAILABLE) if the peer is gone
+/// # drop(channel); Ok(()) }
+/// ```
 #[derive(Clone, Debug)]
 pub struct PeerChannel {
     inner: Channel,
@@ -38,11 +50,58 @@ impl PeerChannel {
     }
 }
 
+/// The transport failure behind `status`, if its cause is one: walks the
+/// error's source chain for the stream's I/O error, the yamux open error or
+/// our own session errors. A status without a source came from the peer.
+fn transport_cause(status: &Status) -> Option<String> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    let mut generic = None;
+    while let Some(err) = cause {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            let what = match io.kind() {
+                ConnectionReset => "stream reset",
+                ConnectionAborted => "session ended",
+                BrokenPipe => "session closing",
+                UnexpectedEof => "connection closed",
+                TimedOut => "timed out",
+                NotConnected => "not connected",
+                ConnectionRefused => "connection refused",
+                _ => "i/o error",
+            };
+            return Some(format!("{what}: {io}"));
+        }
+        if let Some(open) = err.downcast_ref::<backchannel_yamux::OpenError>() {
+            return Some(format!("cannot open a yamux stream: {open}"));
+        }
+        if let Some(e) = err.downcast_ref::<crate::Error>() {
+            return Some(e.to_string());
+        }
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            if h2.is_io() || h2.is_go_away() || h2.is_reset() {
+                return Some(format!("HTTP/2: {h2}"));
+            }
+        }
+        if let Some(hyper) = err.downcast_ref::<hyper::Error>() {
+            if hyper.is_closed() || hyper.is_incomplete_message() || hyper.is_canceled() {
+                generic = Some(format!("HTTP/2 connection: {hyper}"));
+            }
+        }
+        if err.is::<tonic::transport::Error>() && generic.is_none() {
+            generic = Some(format!("transport: {err}"));
+        }
+        cause = err.source();
+    }
+    generic
+}
+
 fn lost(label: &str, status: Status) -> Status {
-    if status.code() == Code::Unknown {
-        Status::unavailable(format!("connection to {label} lost: {}", status.message()))
-    } else {
-        status
+    if !matches!(status.code(), Code::Unknown | Code::Unavailable) {
+        return status;
+    }
+    match transport_cause(&status) {
+        Some(cause) => Status::unavailable(format!("connection to {label} lost: {cause}")),
+        None => status,
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 /// The defaults are chosen for gRPC over loopback and LAN links and to stay
 /// interoperable with Gitaly's Go peers (hashicorp/yamux):
 ///
-/// | field | server default | client default | why |
+/// | setting | server default | client default | why |
 /// |---|---|---|---|
 /// | `max_stream_window` | 4 MiB | 4 MiB | a 256 KiB window caps a stream at 256 KiB per round trip; 4 MiB keeps loopback streams at full speed while bounding what one stalled stream can buffer (Gitaly's server uses 16 MiB and saw memory balloon) |
 /// | `accept_backlog` | 1 | 256 | the server accepts exactly one client stream; the client accepts one stream per reverse connection |
@@ -16,26 +16,25 @@ use std::time::Duration;
 /// | `write_timeout` | 10 s | 10 s | yamux's safety valve for a connection that stops draining |
 /// | `handshake_timeout` | 10 s | 10 s | how long a client may take to open stream 1 (server), or the server to answer (client) |
 /// | `max_streams` | 1024 | 256 | server: reverse-channel streams it may open; client: each server-opened stream is an HTTP/2 connection with its own buffers, so a server is not allowed thousands |
+///
+/// ```
+/// use std::time::Duration;
+/// let config = backchannel::SessionConfig::client()
+///     .with_window(16 << 20)
+///     .with_keepalive(None)
+///     .with_handshake_timeout(Duration::from_secs(3));
+/// assert_eq!(config.max_stream_window(), 16 << 20);
+/// assert_eq!(config.keepalive(), None);
+/// ```
 #[derive(Clone, Debug)]
 pub struct SessionConfig {
-    /// Largest receive window per stream, in bytes (at least 256 KiB, the
-    /// protocol's initial window).
-    pub max_stream_window: u32,
-    /// How many peer-opened streams may wait to be accepted.
-    pub accept_backlog: usize,
-    /// Interval of yamux pings; `None` turns keepalive off (the peer's pings
-    /// are still answered).
-    pub keepalive: Option<Duration>,
-    /// A ping unanswered for this long ends the session.
-    pub keepalive_timeout: Duration,
-    /// How long a write to the connection may block before the session is
-    /// considered dead.
-    pub write_timeout: Duration,
-    /// Most streams open at once in the session.
-    pub max_streams: usize,
-    /// Server: how long the client may take to open stream 1 after the magic.
-    /// Client: how long the connect and stream 1 may take.
-    pub handshake_timeout: Duration,
+    max_stream_window: u32,
+    accept_backlog: usize,
+    keepalive: Option<Duration>,
+    keepalive_timeout: Duration,
+    write_timeout: Duration,
+    max_streams: usize,
+    handshake_timeout: Duration,
 }
 
 impl SessionConfig {
@@ -43,7 +42,7 @@ impl SessionConfig {
     ///
     /// ```
     /// let c = backchannel::SessionConfig::server();
-    /// assert_eq!(c.accept_backlog, 1);
+    /// assert_eq!(c.accept_backlog(), 1);
     /// ```
     pub fn server() -> Self {
         SessionConfig {
@@ -61,7 +60,7 @@ impl SessionConfig {
     ///
     /// ```
     /// let c = backchannel::SessionConfig::client();
-    /// assert_eq!(c.accept_backlog, 256);
+    /// assert_eq!(c.accept_backlog(), 256);
     /// ```
     pub fn client() -> Self {
         SessionConfig {
@@ -71,14 +70,90 @@ impl SessionConfig {
         }
     }
 
-    /// Sets the per-stream receive window.
+    /// Largest receive window per stream, in bytes.
+    pub fn max_stream_window(&self) -> u32 {
+        self.max_stream_window
+    }
+
+    /// Sets the per-stream receive window (at least 256 KiB, the protocol's
+    /// initial window).
     ///
     /// ```
     /// let c = backchannel::SessionConfig::client().with_window(256 * 1024);
-    /// assert_eq!(c.max_stream_window, 256 * 1024);
+    /// assert_eq!(c.max_stream_window(), 256 * 1024);
     /// ```
     pub fn with_window(mut self, bytes: u32) -> Self {
         self.max_stream_window = bytes.max(backchannel_yamux::frame::INITIAL_WINDOW);
+        self
+    }
+
+    /// How many peer-opened streams may wait to be accepted.
+    pub fn accept_backlog(&self) -> usize {
+        self.accept_backlog
+    }
+
+    /// Sets [`accept_backlog`](Self::accept_backlog) (at least 1).
+    pub fn with_accept_backlog(mut self, n: usize) -> Self {
+        self.accept_backlog = n.max(1);
+        self
+    }
+
+    /// Interval of yamux pings; `None`: keepalive off (the peer's pings are
+    /// still answered).
+    pub fn keepalive(&self) -> Option<Duration> {
+        self.keepalive
+    }
+
+    /// Sets [`keepalive`](Self::keepalive).
+    pub fn with_keepalive(mut self, interval: Option<Duration>) -> Self {
+        self.keepalive = interval;
+        self
+    }
+
+    /// A ping unanswered for this long ends the session.
+    pub fn keepalive_timeout(&self) -> Duration {
+        self.keepalive_timeout
+    }
+
+    /// Sets [`keepalive_timeout`](Self::keepalive_timeout).
+    pub fn with_keepalive_timeout(mut self, timeout: Duration) -> Self {
+        self.keepalive_timeout = timeout;
+        self
+    }
+
+    /// How long a write to the connection may block before the session is
+    /// considered dead.
+    pub fn write_timeout(&self) -> Duration {
+        self.write_timeout
+    }
+
+    /// Sets [`write_timeout`](Self::write_timeout).
+    pub fn with_write_timeout(mut self, timeout: Duration) -> Self {
+        self.write_timeout = timeout;
+        self
+    }
+
+    /// Most streams open at once in the session.
+    pub fn max_streams(&self) -> usize {
+        self.max_streams
+    }
+
+    /// Sets [`max_streams`](Self::max_streams) (at least 1).
+    pub fn with_max_streams(mut self, n: usize) -> Self {
+        self.max_streams = n.max(1);
+        self
+    }
+
+    /// Server: how long the client may take to open stream 1 after the
+    /// magic. Client: the bound on each handshake step after the socket is
+    /// connected (TLS, magic, HTTP/2 setup), each reported on its own.
+    pub fn handshake_timeout(&self) -> Duration {
+        self.handshake_timeout
+    }
+
+    /// Sets [`handshake_timeout`](Self::handshake_timeout).
+    pub fn with_handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout = timeout;
         self
     }
 

@@ -7,35 +7,51 @@
 //! server opens further streams to call the gRPC service the client serves.
 //!
 //! # Server
+//! A [`ServerHandshaker`] registered with a [`listenmux::ListenMux`] turns
+//! every client that sends the magic into a peer of a [`Registry`]; plain
+//! gRPC clients share the port. Handlers learn who calls with
+//! [`RequestExt::peer_id`] and call back through [`Registry::backchannel`].
+//!
 //! ```no_run
-//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! # async fn run(routes: tonic::service::Routes) -> Result<(), Box<dyn std::error::Error>> {
 //! use backchannel::{Registry, ServerHandshaker, SessionConfig};
 //! let registry = Registry::new();
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:50051").await?;
-//! let incoming = listenmux::ListenMux::new(Default::default())
-//!     .register(ServerHandshaker::new(registry.clone(), SessionConfig::server()))
+//! let incoming = listenmux::ListenMux::builder()
+//!     .handshaker(ServerHandshaker::new(registry.clone(), SessionConfig::server()))
+//!     .build()
 //!     .incoming(listener);
 //! // In a handler: let channel = registry.backchannel_for(&request)?;
-//! // tonic::transport::Server::builder().add_service(svc).serve_with_incoming(incoming).await?;
-//! # drop(incoming); Ok(()) }
+//! listenmux::server_builder()
+//!     .trace_fn(backchannel::request_span)
+//!     .add_routes(routes)
+//!     .serve_with_incoming(incoming)
+//!     .await?;
+//! # Ok(()) }
 //! ```
 //!
 //! # Client
+//! A [`Client`] is one session; a [`ReconnectingClient`] keeps one up,
+//! dialling again with backoff when it ends.
+//!
 //! ```no_run
 //! # async fn run(routes: tonic::service::Routes) -> Result<(), backchannel::Error> {
-//! let client = backchannel::ClientBuilder::new().connect_tcp("127.0.0.1:50051", routes).await?;
+//! let client = backchannel::ClientBuilder::new().reconnecting_tcp("127.0.0.1:50051", routes)?;
 //! let channel = client.channel(); // forward calls; `routes` answers the reverse calls
 //! # drop(channel); Ok(()) }
 //! ```
 
 #![warn(missing_docs)]
+#![warn(missing_debug_implementations)]
 
 mod authority;
 mod channel;
 mod client;
 mod config;
 mod error;
+mod reconnect;
 mod registry;
+mod request;
 mod server;
 mod session;
 mod stream;
@@ -45,8 +61,10 @@ pub use authority::AuthorityFix;
 pub use channel::PeerChannel;
 pub use client::{Client, ClientBuilder, InboundInfo};
 pub use config::SessionConfig;
-pub use error::{Error, NotMultiplexed};
-pub use registry::{peer_id, PeerEvent, PeerId, PeerInfo, Registry};
+pub use error::{Error, NotMultiplexed, Step};
+pub use reconnect::{Backoff, ConnectionEvent, DisconnectReason, ReconnectingClient};
+pub use registry::{PeerEvent, PeerId, PeerInfo, Registry};
+pub use request::RequestExt;
 pub use server::ServerHandshaker;
 pub use stream::YamuxStream;
 pub use trace::request_span;
@@ -64,3 +82,8 @@ pub const H2_CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
 
 /// The 11 bytes a client sends first: ASCII `backchannel`.
 pub const MAGIC: listenmux::Magic = *b"backchannel";
+
+/// The README's examples, compiled as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

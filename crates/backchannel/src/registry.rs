@@ -12,13 +12,55 @@ use std::{
 
 use tokio::sync::broadcast;
 
-use crate::{session::SessionHandle, Error, NotMultiplexed, PeerChannel};
+use crate::{session::SessionHandle, Error, PeerChannel};
 
-/// A peer's ID: `u64`, from 1, increasing, never reused within a process.
-pub type PeerId = u64;
+/// A peer's ID: from 1, increasing, never reused within a process (as in
+/// Gitaly). Written and parsed as its decimal number.
+///
+/// ```
+/// let id: backchannel::PeerId = "42".parse().unwrap();
+/// assert_eq!(id.get(), 42);
+/// assert_eq!(id.to_string(), "42");
+/// assert_eq!(id, backchannel::PeerId::new(42));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PeerId(u64);
+
+impl PeerId {
+    /// The ID with this number.
+    pub const fn new(id: u64) -> Self {
+        PeerId(id)
+    }
+
+    /// The number.
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl std::fmt::Display for PeerId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl std::str::FromStr for PeerId {
+    type Err = std::num::ParseIntError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.parse().map(PeerId)
+    }
+}
+
+impl From<PeerId> for u64 {
+    fn from(id: PeerId) -> u64 {
+        id.0
+    }
+}
 
 /// What the registry knows about a connected peer.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct PeerInfo {
     /// The peer's ID.
     pub id: PeerId,
@@ -54,15 +96,24 @@ struct Inner {
 ///
 /// ```
 /// # async fn handler(registry: backchannel::Registry, request: tonic::Request<()>) -> Result<(), tonic::Status> {
+/// use backchannel::RequestExt;
 /// // In a gRPC handler of the server: who is calling, and how do I call it back?
-/// let peer = backchannel::peer_id(&request)?;            // FAILED_PRECONDITION for plain clients
-/// let channel = registry.backchannel(peer)?;              // a gRPC channel to the caller
+/// let peer = request.peer_id()?;                // FAILED_PRECONDITION for plain clients
+/// let channel = registry.backchannel(peer)?;    // a gRPC channel to the caller
 /// // let mut client = MyClientServiceClient::new(channel);
 /// # drop(channel); Ok(()) }
 /// ```
 #[derive(Clone)]
 pub struct Registry {
     inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("peers", &self.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for Registry {
@@ -90,7 +141,7 @@ impl Registry {
     }
 
     pub(crate) fn next_id(&self) -> PeerId {
-        self.inner.next_id.fetch_add(1, Ordering::Relaxed)
+        PeerId(self.inner.next_id.fetch_add(1, Ordering::Relaxed))
     }
 
     fn peers(&self) -> std::sync::MutexGuard<'_, HashMap<PeerId, Entry>> {
@@ -123,7 +174,8 @@ impl Registry {
     ///
     /// ```
     /// let registry = backchannel::Registry::new();
-    /// assert!(matches!(registry.backchannel(7), Err(backchannel::Error::NoBackchannel(7))));
+    /// let id = backchannel::PeerId::new(7);
+    /// assert!(matches!(registry.backchannel(id), Err(backchannel::Error::NoBackchannel(i)) if i == id));
     /// ```
     pub fn backchannel(&self, id: PeerId) -> Result<PeerChannel, Error> {
         self.peers()
@@ -143,7 +195,7 @@ impl Registry {
         &self,
         request: &tonic::Request<T>,
     ) -> Result<PeerChannel, tonic::Status> {
-        let id = peer_id(request)?;
+        let id = crate::RequestExt::peer_id(request)?;
         Ok(self.backchannel(id)?)
     }
 
@@ -177,7 +229,7 @@ impl Registry {
     /// UNAVAILABLE). Returns whether the peer was connected. Idempotent.
     ///
     /// ```
-    /// assert!(!backchannel::Registry::new().close(1));
+    /// assert!(!backchannel::Registry::new().close(backchannel::PeerId::new(1)));
     /// ```
     pub fn close(&self, id: PeerId) -> bool {
         let session = self.peers().get(&id).map(|e| e.session.clone());
@@ -195,7 +247,8 @@ impl Registry {
     ///
     /// ```
     /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
-    /// backchannel::Registry::new().wait_gone(3).await; // not connected: returns at once
+    /// // Not connected: returns at once.
+    /// backchannel::Registry::new().wait_gone(backchannel::PeerId::new(3)).await;
     /// # });
     /// ```
     pub async fn wait_gone(&self, id: PeerId) {
@@ -223,19 +276,4 @@ impl Registry {
     pub fn subscribe(&self) -> broadcast::Receiver<PeerEvent> {
         self.inner.events.subscribe()
     }
-}
-
-/// The ID of the peer that sent `request`, or [`NotMultiplexed`] (which
-/// converts to `FAILED_PRECONDITION`) for plain connections.
-///
-/// ```
-/// let err = backchannel::peer_id(&tonic::Request::new(())).unwrap_err();
-/// assert_eq!(tonic::Status::from(err).code(), tonic::Code::FailedPrecondition);
-/// ```
-pub fn peer_id<T>(request: &tonic::Request<T>) -> Result<PeerId, NotMultiplexed> {
-    request
-        .extensions()
-        .get::<listenmux::ConnInfo>()
-        .and_then(|i| i.peer_id)
-        .ok_or(NotMultiplexed)
 }

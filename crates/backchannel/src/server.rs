@@ -29,23 +29,42 @@ use crate::{
 /// server: it turns every connection that starts with the magic into a peer
 /// in the [`Registry`].
 ///
+/// The connection it hands to the gRPC server (stream 1) carries the
+/// underlying connection's [`ConnInfo`] (so `Request::remote_addr()` is the
+/// client's TCP address) with the peer's [`PeerId`] added to its extensions;
+/// handlers read it with [`RequestExt::peer_id`](crate::RequestExt::peer_id).
+///
 /// ```no_run
-/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// # async fn run(routes: tonic::service::Routes) -> Result<(), Box<dyn std::error::Error>> {
 /// use backchannel::{Registry, ServerHandshaker, SessionConfig};
 /// let registry = Registry::new();
 /// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-/// let incoming = listenmux::ListenMux::new(Default::default())
-///     .register(ServerHandshaker::new(registry.clone(), SessionConfig::server()))
+/// let incoming = listenmux::ListenMux::builder()
+///     .handshaker(ServerHandshaker::new(registry.clone(), SessionConfig::server()))
+///     .build()
 ///     .incoming(listener);
-/// // tonic::transport::Server::builder()
-/// //     .add_service(MyServiceServer::new(MyService { registry }))
-/// //     .serve_with_incoming(incoming).await?;
-/// # drop(incoming); Ok(()) }
+/// // `routes` holds services that call `registry.backchannel_for(&request)`.
+/// listenmux::server_builder()
+///     .add_routes(routes)
+///     .serve_with_incoming(incoming)
+///     .await?;
+/// # Ok(()) }
 /// ```
 pub struct ServerHandshaker {
     registry: Registry,
     config: SessionConfig,
     max_peers: usize,
+    endpoint: Option<Endpoint>,
+}
+
+impl std::fmt::Debug for ServerHandshaker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerHandshaker")
+            .field("config", &self.config)
+            .field("max_peers", &self.max_peers)
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ServerHandshaker {
@@ -55,7 +74,32 @@ impl ServerHandshaker {
             registry,
             config,
             max_peers: usize::MAX,
+            endpoint: None,
         }
+    }
+
+    /// Configures every peer's reverse channel with a tonic [`Endpoint`]:
+    /// request timeout, HTTP/2 keepalive, user agent, concurrency and rate
+    /// limits, windows. Its URI gives the reverse calls' `:authority`; its
+    /// TCP and TLS settings are not used (the calls ride the peer's session).
+    ///
+    /// Without it the channel uses `http://<peer address>` and
+    /// [`H2_STREAM_WINDOW`](crate::H2_STREAM_WINDOW) /
+    /// [`H2_CONNECTION_WINDOW`](crate::H2_CONNECTION_WINDOW).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let endpoint = tonic::transport::Endpoint::from_static("http://backchannel.local")
+    ///     .timeout(Duration::from_secs(10))
+    ///     .initial_stream_window_size(backchannel::H2_STREAM_WINDOW)
+    ///     .initial_connection_window_size(backchannel::H2_CONNECTION_WINDOW);
+    /// let h = backchannel::ServerHandshaker::new(backchannel::Registry::new(), backchannel::SessionConfig::server())
+    ///     .reverse_endpoint(endpoint);
+    /// # drop(h);
+    /// ```
+    pub fn reverse_endpoint(mut self, endpoint: Endpoint) -> Self {
+        self.endpoint = Some(endpoint);
+        self
     }
 
     /// Refuses new peers (closing their connection) while `max` are
@@ -84,13 +128,14 @@ impl Handshaker for ServerHandshaker {
     ) -> BoxFuture<Result<Handshaked, HandshakeError>> {
         let registry = self.registry.clone();
         let config = self.config.clone();
+        let endpoint = self.endpoint.clone();
         if registry.len() >= self.max_peers {
             let max = self.max_peers;
             return Box::pin(async move {
                 Err(HandshakeError::Protocol(Box::new(Error::PeerLimit(max))))
             });
         }
-        Box::pin(async move { accept_peer(io, info, registry, config).await })
+        Box::pin(async move { accept_peer(io, info, registry, config, endpoint).await })
     }
 }
 
@@ -99,12 +144,14 @@ async fn accept_peer(
     mut info: ConnInfo,
     registry: Registry,
     config: SessionConfig,
+    endpoint: Option<Endpoint>,
 ) -> Result<Handshaked, HandshakeError> {
     let id = registry.next_id();
-    let span = info_span!("backchannel_peer", peer_id = id, remote = ?info.remote_addr);
-    let (session, mut inbound) = session::spawn(io, &config, Mode::Server, span.clone());
+    let span = info_span!("backchannel_peer", peer_id = id.get(), remote = ?info.remote_addr());
+    let (session, mut inbound, _) = session::spawn(io, &config, Mode::Server, span.clone());
     let guard = CloseOnDrop(session.clone());
-    let first = match tokio::time::timeout(config.handshake_timeout, inbound.accept()).await {
+    let timeout = config.handshake_timeout();
+    let first = match tokio::time::timeout(timeout, inbound.accept()).await {
         Ok(Some(stream)) => stream,
         Ok(None) => {
             return Err(HandshakeError::Io(io::Error::new(
@@ -112,20 +159,29 @@ async fn accept_peer(
                 "session ended before the client opened its stream",
             )))
         }
-        Err(_) => return Err(HandshakeError::Timeout(config.handshake_timeout)),
+        Err(_) => {
+            return Err(HandshakeError::Timeout {
+                step: "the client's first yamux stream",
+                after: timeout,
+            })
+        }
     };
     // Exactly one client-opened stream, as in Gitaly: later ones are reset.
     drop(inbound);
 
     let peer = PeerInfo {
         id,
-        remote_addr: info.remote_addr,
+        remote_addr: info.remote_addr(),
         connected_at: SystemTime::now(),
+    };
+    let endpoint = match endpoint {
+        Some(e) => e,
+        None => default_reverse_endpoint(info.remote_addr()),
     };
     registry.insert(
         peer,
         PeerChannel::new(
-            reverse_channel(session.clone(), info.remote_addr),
+            reverse_channel(session.clone(), endpoint),
             format!("peer {id}"),
         ),
         session.clone(),
@@ -141,7 +197,7 @@ async fn accept_peer(
         .instrument(span.clone()),
     );
     span.in_scope(|| info!(stream = first.id(), "peer connected"));
-    info.peer_id = Some(id);
+    info.extensions_mut().insert(id);
     Ok(Handshaked::Connection(Connection::new(
         Box::new(PeerConn {
             stream: first,
@@ -151,32 +207,37 @@ async fn accept_peer(
     )))
 }
 
-/// A tonic channel to the client: each (re)connect opens a new yamux stream.
-fn reverse_channel(
-    session: SessionHandle,
-    remote: Option<std::net::SocketAddr>,
-) -> tonic::transport::Channel {
-    // The authority is informational only; the client accepts any.
+/// `http://<peer address>` (informational only: the client accepts any
+/// authority) with the backchannel's HTTP/2 windows.
+fn default_reverse_endpoint(remote: Option<std::net::SocketAddr>) -> Endpoint {
     let uri = match remote {
-        Some(addr) => format!("http://{addr}"),
-        None => "http://backchannel.local".to_string(),
+        Some(addr) => http::Uri::builder()
+            .scheme("http")
+            .authority(addr.to_string())
+            .path_and_query("/")
+            .build()
+            .unwrap_or_else(|_| http::Uri::from_static("http://backchannel.local")),
+        None => http::Uri::from_static("http://backchannel.local"),
     };
-    let endpoint = Endpoint::from_shared(uri)
-        .unwrap_or_else(|_| Endpoint::from_static("http://backchannel.local"));
-    endpoint
+    Endpoint::from(uri)
         .initial_stream_window_size(crate::H2_STREAM_WINDOW)
         .initial_connection_window_size(crate::H2_CONNECTION_WINDOW)
-        .connect_with_connector_lazy(tower::service_fn(move |_uri| {
-            let session = session.clone();
-            async move {
-                let stream = session.open_stream()?;
-                Ok::<_, Error>(TokioIo::new(stream))
-            }
-        }))
+}
+
+/// A tonic channel to the client: each (re)connect opens a new yamux stream.
+fn reverse_channel(session: SessionHandle, endpoint: Endpoint) -> tonic::transport::Channel {
+    endpoint.connect_with_connector_lazy(tower::service_fn(move |_uri| {
+        let session = session.clone();
+        async move {
+            let stream = session.open_stream()?;
+            Ok::<_, Error>(TokioIo::new(stream))
+        }
+    }))
 }
 
 /// Stream 1 as the gRPC server's connection; when the server drops it, the
 /// whole session (and the peer) goes.
+#[derive(Debug)]
 struct PeerConn {
     stream: YamuxStream,
     _guard: CloseOnDrop,

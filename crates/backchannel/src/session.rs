@@ -1,6 +1,6 @@
 //! Runs a yamux session in a task of its own.
 
-use backchannel_yamux::{Control, Incoming, Mode};
+use backchannel_yamux::{Control, Incoming, Mode, SessionError};
 use listenmux::Io;
 use tracing::{Instrument, Span};
 
@@ -8,7 +8,7 @@ use crate::{config::SessionConfig, stream::YamuxStream, Error};
 
 /// A handle to a running yamux session: opens streams, closes the session,
 /// waits for it to end. Cheap to clone.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub(crate) struct SessionHandle {
     control: Control,
 }
@@ -43,6 +43,7 @@ impl SessionHandle {
 }
 
 /// Closes the session when dropped.
+#[derive(Debug)]
 pub(crate) struct CloseOnDrop(pub(crate) SessionHandle);
 
 impl Drop for CloseOnDrop {
@@ -50,6 +51,10 @@ impl Drop for CloseOnDrop {
         self.0.close();
     }
 }
+
+/// How a session ended: `Ok` after a GoAway from either side, or the error
+/// that ended it.
+pub(crate) type SessionEnd = tokio::sync::oneshot::Receiver<Result<(), SessionError>>;
 
 /// Starts a session over `io` in a task of its own (instrumented with
 /// `span`). Streams the peer opens arrive on the returned [`Incoming`]; when
@@ -59,14 +64,15 @@ pub(crate) fn spawn<T: Io>(
     config: &SessionConfig,
     mode: Mode,
     span: Span,
-) -> (SessionHandle, Incoming) {
+) -> (SessionHandle, Incoming, SessionEnd) {
     let (control, incoming, connection) = backchannel_yamux::session(io, config.yamux(), mode);
+    let (tx, rx) = tokio::sync::oneshot::channel();
     // The connection logs how the session ended, inside `span`.
     tokio::spawn(
         async move {
-            let _ = connection.await;
+            let _ = tx.send(connection.await);
         }
         .instrument(span),
     );
-    (SessionHandle { control }, incoming)
+    (SessionHandle { control }, incoming, rx)
 }

@@ -2,6 +2,8 @@
 
 use tracing::{info_span, Span};
 
+use crate::PeerId;
+
 /// A span for one gRPC request on a server behind a
 /// [`ListenMux`](listenmux::ListenMux): it carries the caller's `peer_id`
 /// (or `plain = true`), remote address and method path, so every log line of
@@ -16,12 +18,12 @@ pub fn request_span(request: &http::Request<()>) -> Span {
     let info = request.extensions().get::<listenmux::ConnInfo>();
     let path = request.uri().path();
     match info {
-        Some(listenmux::ConnInfo {
-            peer_id: Some(id),
-            remote_addr,
-            ..
-        }) => info_span!("grpc_request", peer_id = id, remote = ?remote_addr, path),
-        Some(i) => info_span!("grpc_request", plain = true, remote = ?i.remote_addr, path),
+        Some(i) => match i.extensions().get::<PeerId>() {
+            Some(id) => {
+                info_span!("grpc_request", peer_id = id.get(), remote = ?i.remote_addr(), path)
+            }
+            None => info_span!("grpc_request", plain = true, remote = ?i.remote_addr(), path),
+        },
         None => info_span!("grpc_request", path),
     }
 }

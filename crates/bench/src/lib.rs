@@ -348,7 +348,7 @@ struct Env {
 
 async fn setup(a: &BenchArgs) -> anyhow::Result<Env> {
     let (server_cfg, client_cfg) = paths::session_configs(a.window.map(|w| w as u32));
-    let window = server_cfg.max_stream_window;
+    let window = server_cfg.max_stream_window();
     let want: Vec<PathKind> = if a.paths.contains(&PathKind::All) {
         PathKind::EVERY.to_vec()
     } else {
@@ -523,7 +523,7 @@ async fn run_local(a: &BenchArgs, quiet: bool) -> anyhow::Result<Vec<Record>> {
             .map(|e| (e.server_cfg.clone(), e.window))
             .unwrap_or_else(|| {
                 let (s, _) = paths::session_configs(a.window.map(|w| w as u32));
-                let w = s.max_stream_window;
+                let w = s.max_stream_window();
                 (s, w)
             });
         for up in [true, false] {

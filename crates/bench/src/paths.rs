@@ -7,7 +7,7 @@ use backchannel::{Client, ClientBuilder, Registry, ServerHandshaker, SessionConf
 use backchannel_testkit::tokio_yamux::{self as tokio_yamux_compat, TokioYamuxStream};
 use futures::StreamExt;
 use hyper_util::rt::TokioIo;
-use listenmux::{ListenMux, MuxConfig};
+use listenmux::ListenMux;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -85,8 +85,9 @@ pub async fn bc_server(config: SessionConfig) -> anyhow::Result<BcServer> {
     let registry = Registry::new();
     let l = TcpListener::bind("127.0.0.1:0").await?;
     let addr = l.local_addr()?.to_string();
-    let incoming = ListenMux::new(MuxConfig::default())
-        .register(ServerHandshaker::new(registry.clone(), config))
+    let incoming = ListenMux::builder()
+        .handshaker(ServerHandshaker::new(registry.clone(), config))
+        .build()
         .incoming(l);
     let task = tokio::spawn(async move {
         let _ = Server::builder()

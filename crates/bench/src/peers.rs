@@ -275,7 +275,7 @@ pub async fn run(a: &PeersArgs, quiet: bool) -> anyhow::Result<PeersResult> {
 
     // Reverse calls to random peers: first a cold call on each chosen peer
     // (opens a yamux stream and an h2 connection), then a warm one.
-    let ids: Vec<u64> = server.registry.list().iter().map(|p| p.id).collect();
+    let ids: Vec<backchannel::PeerId> = server.registry.list().iter().map(|p| p.id).collect();
     let mut rng = backchannel_testkit::Rng::from_time();
     let want = a.calls.min(ids.len());
     let mut chosen = Vec::with_capacity(want);

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use backchannel::{ClientBuilder, Registry, ServerHandshaker, SessionConfig};
-use listenmux::{ListenMux, MuxConfig};
+use listenmux::ListenMux;
 use tonic::{service::Routes, transport::Server};
 
 use crate::{
@@ -53,11 +53,12 @@ pub async fn run() -> anyhow::Result<()> {
     let registry = Registry::new();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let incoming = ListenMux::new(MuxConfig::default())
-        .register(ServerHandshaker::new(
+    let incoming = ListenMux::builder()
+        .handshaker(ServerHandshaker::new(
             registry.clone(),
             SessionConfig::server(),
         ))
+        .build()
         .incoming(listener);
     let server = tokio::spawn(
         Server::builder()

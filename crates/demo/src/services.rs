@@ -93,7 +93,7 @@ impl Callback for CallbackService {
         &self,
         request: Request<CallMeBackRequest>,
     ) -> Result<Response<CallMeBackResponse>, Status> {
-        let peer_id = backchannel::peer_id(&request)?;
+        let peer_id = backchannel::RequestExt::peer_id(&request)?;
         let channel = self.registry.backchannel(peer_id)?;
         let r = request.into_inner();
         let reply = EchoClient::new(channel)
@@ -104,7 +104,7 @@ impl Callback for CallbackService {
             .await?
             .into_inner();
         Ok(Response::new(CallMeBackResponse {
-            peer_id,
+            peer_id: peer_id.get(),
             reply: Some(reply),
         }))
     }

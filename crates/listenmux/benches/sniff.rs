@@ -15,7 +15,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use futures::StreamExt;
 use listenmux::{
     BoxFuture, BoxIo, ConnInfo, Connection, HandshakeError, Handshaked, Handshaker, Incoming,
-    ListenMux, Listener, Magic, MuxConfig,
+    ListenMux, Listener, Magic,
 };
 use tokio::{
     io::{AsyncWriteExt, DuplexStream},
@@ -64,7 +64,7 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 fn mux() -> ListenMux {
-    ListenMux::new(MuxConfig::default()).register(PassThrough)
+    ListenMux::builder().handshaker(PassThrough).build()
 }
 
 async fn next(incoming: &mut Incoming) -> Connection {
@@ -127,11 +127,12 @@ fn sniff(c: &mut Criterion) {
         let (tx, rx) = mpsc::unbounded_channel();
         let registry = backchannel::Registry::new();
         let mut incoming = rt.block_on(async {
-            ListenMux::new(MuxConfig::default())
-                .register(backchannel::ServerHandshaker::new(
+            ListenMux::builder()
+                .handshaker(backchannel::ServerHandshaker::new(
                     registry.clone(),
                     backchannel::SessionConfig::server(),
                 ))
+                .build()
                 .incoming(ChanListener(rx))
         });
         g.bench_function("duplex/backchannel-handshake", |b| {

@@ -14,24 +14,30 @@
 //!
 //! The stream of connections it yields plugs straight into
 //! [`tonic::transport::Server::serve_with_incoming`]; handlers find the
-//! connection's [`ConnInfo`] in their request extensions.
+//! connection's [`ConnInfo`] in their request extensions. A server built with
+//! [`server_builder`] (or carrying a [`ConnectInfoLayer`]) also answers
+//! tonic's `Request::remote_addr()`, `local_addr()` and `peer_certs()`.
 //!
 //! ```no_run
-//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! use listenmux::{ListenMux, MuxConfig};
-//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-//! let incoming = ListenMux::new(MuxConfig::default()).incoming(listener);
-//! // tonic::transport::Server::builder()
-//! //     .add_service(my_service)
-//! //     .serve_with_incoming(incoming)
-//! //     .await?;
-//! # drop(incoming);
+//! # async fn run(routes: tonic::service::Routes) -> Result<(), Box<dyn std::error::Error>> {
+//! use listenmux::ListenMux;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:50051").await?;
+//! let incoming = ListenMux::builder()
+//!     .sniff_timeout(std::time::Duration::from_secs(5))
+//!     .build()
+//!     .incoming(listener);
+//! listenmux::server_builder()
+//!     .add_routes(routes)
+//!     .serve_with_incoming(incoming)
+//!     .await?;
 //! # Ok(()) }
 //! ```
 
 #![warn(missing_docs)]
+#![warn(missing_debug_implementations)]
 
 mod conn;
+mod layer;
 mod listener;
 mod stats;
 
@@ -53,6 +59,7 @@ use tokio::{
 use tracing::{debug, info_span, warn, Instrument};
 
 pub use conn::{BoxIo, ConnInfo, Connection, Io, Rewind, Transport};
+pub use layer::{server_builder, ConnectInfoLayer, ConnectInfoService};
 pub use listener::Listener;
 pub use stats::{Stats, StatsSnapshot};
 
@@ -66,6 +73,7 @@ pub type Magic = [u8; MAGIC_LEN];
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
 /// What a [`Handshaker`] made of a connection.
+#[derive(Debug)]
 pub enum Handshaked {
     /// A connection for the gRPC server behind the mux (for example the first
     /// stream of a multiplexed session).
@@ -78,13 +86,20 @@ pub enum Handshaked {
 /// Why a handshake failed. Logged and counted by the mux; the connection is
 /// closed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum HandshakeError {
     /// Reading or writing the connection failed.
     #[error("handshake i/o: {0}")]
     Io(#[from] io::Error),
-    /// The peer did not complete the handshake in time.
-    #[error("handshake timed out after {0:?}")]
-    Timeout(Duration),
+    /// The peer did not complete a step of the handshake in time.
+    #[error("handshake timed out after {after:?} waiting for {step}")]
+    Timeout {
+        /// What the handshake was waiting for (for example "the first
+        /// stream").
+        step: &'static str,
+        /// How long it waited.
+        after: Duration,
+    },
     /// The peer spoke the protocol wrongly.
     #[error("handshake protocol error: {0}")]
     Protocol(Box<dyn std::error::Error + Send + Sync>),
@@ -108,7 +123,7 @@ pub enum HandshakeError {
 ///         })
 ///     }
 /// }
-/// let mux = listenmux::ListenMux::new(Default::default()).register(Pong);
+/// let mux = listenmux::ListenMux::builder().handshaker(Pong).build();
 /// # drop(mux);
 /// ```
 pub trait Handshaker: Send + Sync + 'static {
@@ -116,22 +131,26 @@ pub trait Handshaker: Send + Sync + 'static {
     fn magic(&self) -> Magic;
 
     /// Takes over `io`, whose magic has already been read. `info` describes
-    /// the connection; a multiplexing handshaker fills in
-    /// [`ConnInfo::peer_id`] on the connection it returns.
+    /// the connection; a handshaker may add its own data (a peer identity,
+    /// say) to [`ConnInfo::extensions_mut`] of the connection it returns.
     fn handshake(&self, io: BoxIo, info: ConnInfo)
         -> BoxFuture<Result<Handshaked, HandshakeError>>;
 }
 
 /// Settings of a [`ListenMux`].
+///
+/// ```
+/// use std::time::Duration;
+/// let config = listenmux::MuxConfig::default()
+///     .with_sniff_timeout(Duration::from_secs(3))
+///     .with_max_pending(256);
+/// assert_eq!(config.sniff_timeout(), Duration::from_secs(3));
+/// assert_eq!(config.max_pending(), 256);
+/// ```
 #[derive(Clone, Debug)]
 pub struct MuxConfig {
-    /// How long a new connection may take to send its first bytes (and, with
-    /// TLS, to finish the TLS handshake before that). Default 10 s.
-    pub sniff_timeout: Duration,
-    /// How many connections may be sniffed or handshaked at once; further
-    /// connections are closed immediately and counted in
-    /// [`StatsSnapshot::rejected_overload`]. Default 1024.
-    pub max_pending: usize,
+    sniff_timeout: Duration,
+    max_pending: usize,
 }
 
 impl Default for MuxConfig {
@@ -143,6 +162,33 @@ impl Default for MuxConfig {
     }
 }
 
+impl MuxConfig {
+    /// How long a new connection may take to send its first bytes (and, with
+    /// TLS, to finish the TLS handshake before that). Default 10 s.
+    pub fn sniff_timeout(&self) -> Duration {
+        self.sniff_timeout
+    }
+
+    /// Sets [`sniff_timeout`](Self::sniff_timeout).
+    pub fn with_sniff_timeout(mut self, timeout: Duration) -> Self {
+        self.sniff_timeout = timeout;
+        self
+    }
+
+    /// How many connections may be sniffed or handshaked at once; further
+    /// connections are closed immediately and counted in
+    /// [`StatsSnapshot::rejected_overload`]. Default 1024.
+    pub fn max_pending(&self) -> usize {
+        self.max_pending
+    }
+
+    /// Sets [`max_pending`](Self::max_pending) (at least 1).
+    pub fn with_max_pending(mut self, max: usize) -> Self {
+        self.max_pending = max.max(1);
+        self
+    }
+}
+
 struct Inner {
     config: MuxConfig,
     handshakers: Vec<Arc<dyn Handshaker>>,
@@ -151,64 +197,130 @@ struct Inner {
 }
 
 /// Routes accepted connections by their first bytes. See the crate docs.
+///
+/// Built with [`ListenMux::builder`]; cheap to clone, and every clone (and
+/// every listener given to [`incoming`](Self::incoming)) shares the
+/// handshakers, the TLS acceptor and the [`Stats`].
 #[derive(Clone)]
 pub struct ListenMux {
     inner: Arc<Inner>,
 }
 
-impl ListenMux {
-    /// A mux with no handshakers: every connection goes to the gRPC server.
-    ///
-    /// ```
-    /// let mux = listenmux::ListenMux::new(listenmux::MuxConfig::default());
-    /// assert_eq!(mux.stats().snapshot().accepted, 0);
-    /// ```
-    pub fn new(config: MuxConfig) -> Self {
-        ListenMux {
-            inner: Arc::new(Inner {
-                config,
-                handshakers: Vec::new(),
-                tls: None,
-                stats: Arc::new(Stats::default()),
-            }),
-        }
+impl std::fmt::Debug for ListenMux {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let magics: Vec<_> = self
+            .inner
+            .handshakers
+            .iter()
+            .map(|h| String::from_utf8_lossy(&h.magic()).into_owned())
+            .collect();
+        f.debug_struct("ListenMux")
+            .field("config", &self.inner.config)
+            .field("handshakers", &magics)
+            .field("tls", &self.inner.tls.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Configures a [`ListenMux`]: settings, handshakers, TLS.
+///
+/// ```
+/// # use listenmux::*;
+/// # struct H; impl Handshaker for H { fn magic(&self) -> Magic { *b"xxxxxxxxxxx" }
+/// # fn handshake(&self, _: BoxIo, _: ConnInfo) -> BoxFuture<Result<Handshaked, HandshakeError>> { Box::pin(async { Ok(Handshaked::Dispatched) }) } }
+/// let mux = ListenMux::builder()
+///     .max_pending(512)
+///     .handshaker(H)
+///     .build();
+/// assert_eq!(mux.stats().snapshot().accepted, 0);
+/// ```
+pub struct ListenMuxBuilder {
+    config: MuxConfig,
+    handshakers: Vec<Arc<dyn Handshaker>>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+impl std::fmt::Debug for ListenMuxBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ListenMuxBuilder")
+            .field("config", &self.config)
+            .field("handshakers", &self.handshakers.len())
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+impl ListenMuxBuilder {
+    /// Replaces all settings.
+    pub fn config(mut self, config: MuxConfig) -> Self {
+        self.config = config;
+        self
     }
 
-    fn inner_mut(&mut self) -> &mut Inner {
-        Arc::get_mut(&mut self.inner).expect("ListenMux is configured before it is cloned or used")
+    /// Sets [`MuxConfig::sniff_timeout`].
+    pub fn sniff_timeout(mut self, timeout: Duration) -> Self {
+        self.config = self.config.with_sniff_timeout(timeout);
+        self
+    }
+
+    /// Sets [`MuxConfig::max_pending`].
+    pub fn max_pending(mut self, max: usize) -> Self {
+        self.config = self.config.with_max_pending(max);
+        self
     }
 
     /// Registers a handshaker. A later handshaker with the same magic replaces
     /// the earlier one.
-    ///
-    /// ```
-    /// # use listenmux::*;
-    /// # struct H; impl Handshaker for H { fn magic(&self) -> Magic { *b"xxxxxxxxxxx" }
-    /// # fn handshake(&self, _: BoxIo, _: ConnInfo) -> BoxFuture<Result<Handshaked, HandshakeError>> { Box::pin(async { Ok(Handshaked::Dispatched) }) } }
-    /// let mux = ListenMux::new(MuxConfig::default()).register(H);
-    /// # drop(mux);
-    /// ```
-    pub fn register(mut self, handshaker: impl Handshaker) -> Self {
+    pub fn handshaker(mut self, handshaker: impl Handshaker) -> Self {
         let magic = handshaker.magic();
-        let inner = self.inner_mut();
-        inner.handshakers.retain(|h| h.magic() != magic);
-        inner.handshakers.push(Arc::new(handshaker));
+        self.handshakers.retain(|h| h.magic() != magic);
+        self.handshakers.push(Arc::new(handshaker));
         self
     }
 
     /// Terminates TLS on every accepted connection before sniffing; the magic
     /// is then read from the decrypted bytes. The peer's certificates (when the
-    /// acceptor asks for them) appear in [`ConnInfo::peer_certificates`].
+    /// acceptor asks for them) appear in [`ConnInfo::peer_certs`].
     ///
     /// ```no_run
     /// # fn f(config: std::sync::Arc<tokio_rustls::rustls::ServerConfig>) {
-    /// let mux = listenmux::ListenMux::new(Default::default())
-    ///     .with_tls(tokio_rustls::TlsAcceptor::from(config));
+    /// let mux = listenmux::ListenMux::builder()
+    ///     .tls(tokio_rustls::TlsAcceptor::from(config))
+    ///     .build();
     /// # drop(mux); }
     /// ```
-    pub fn with_tls(mut self, acceptor: tokio_rustls::TlsAcceptor) -> Self {
-        self.inner_mut().tls = Some(acceptor);
+    pub fn tls(mut self, acceptor: tokio_rustls::TlsAcceptor) -> Self {
+        self.tls = Some(acceptor);
         self
+    }
+
+    /// The mux.
+    pub fn build(self) -> ListenMux {
+        ListenMux {
+            inner: Arc::new(Inner {
+                config: self.config,
+                handshakers: self.handshakers,
+                tls: self.tls,
+                stats: Arc::new(Stats::default()),
+            }),
+        }
+    }
+}
+
+impl ListenMux {
+    /// A builder with [`MuxConfig::default`] settings, no handshakers and no
+    /// TLS (every connection goes to the gRPC server as it is).
+    ///
+    /// ```
+    /// let mux = listenmux::ListenMux::builder().build();
+    /// assert_eq!(mux.stats().snapshot().accepted, 0);
+    /// ```
+    pub fn builder() -> ListenMuxBuilder {
+        ListenMuxBuilder {
+            config: MuxConfig::default(),
+            handshakers: Vec::new(),
+            tls: None,
+        }
     }
 
     /// Counters of what the mux has seen so far.
@@ -223,12 +335,12 @@ impl ListenMux {
     /// ```no_run
     /// # async fn f() -> std::io::Result<()> {
     /// let listener = tokio::net::UnixListener::bind("/tmp/example.sock")?;
-    /// let incoming = listenmux::ListenMux::new(Default::default()).incoming(listener);
+    /// let incoming = listenmux::ListenMux::builder().build().incoming(listener);
     /// # drop(incoming); Ok(()) }
     /// ```
-    pub fn incoming<L: Listener>(self, listener: L) -> Incoming {
+    pub fn incoming<L: Listener>(&self, listener: L) -> Incoming {
         let (tx, rx) = mpsc::channel(64);
-        let task = tokio::spawn(accept_loop(listener, self.inner, tx));
+        let task = tokio::spawn(accept_loop(listener, self.inner.clone(), tx));
         Incoming {
             rx,
             _accept_loop: AbortOnDrop(task),
@@ -236,6 +348,7 @@ impl ListenMux {
     }
 }
 
+#[derive(Debug)]
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
@@ -249,6 +362,7 @@ impl Drop for AbortOnDrop {
 ///
 /// It never yields an error; accept and handshake failures are logged and
 /// counted in [`Stats`].
+#[derive(Debug)]
 pub struct Incoming {
     rx: mpsc::Receiver<Connection>,
     /// Stops the accept loop (and closes the listener) when dropped.
@@ -281,11 +395,11 @@ async fn accept_loop<L: Listener>(
                 inner.stats.inc(&inner.stats.accepted);
                 let Ok(permit) = pending.clone().try_acquire_owned() else {
                     inner.stats.inc(&inner.stats.rejected_overload);
-                    warn!(remote = ?info.remote_addr, max_pending = inner.config.max_pending,
+                    warn!(remote = ?info.remote_addr(), max_pending = inner.config.max_pending,
                         "too many connections being sniffed; closing the new one");
                     continue;
                 };
-                let span = info_span!("listenmux_conn", remote = ?info.remote_addr);
+                let span = info_span!("listenmux_conn", remote = ?info.remote_addr());
                 tokio::spawn(
                     sniff_and_route(Box::new(io), info, inner.clone(), tx.clone(), permit)
                         .instrument(span),
@@ -365,7 +479,7 @@ async fn sniff_and_route(
                 Err(err) => {
                     stats.inc(&stats.handshake_failures);
                     stats.inc(match err {
-                        HandshakeError::Timeout(_) => &stats.handshake_timeouts,
+                        HandshakeError::Timeout { .. } => &stats.handshake_timeouts,
                         HandshakeError::Io(_) => &stats.handshake_io_errors,
                         HandshakeError::Protocol(_) => &stats.handshake_protocol_errors,
                     });
@@ -397,13 +511,12 @@ async fn sniff(io: BoxIo, mut info: ConnInfo, inner: &Inner) -> Result<Sniffed, 
     let mut io = match &inner.tls {
         None => io,
         Some(acceptor) => {
+            let io = conn::WithTcpInfo {
+                io,
+                info: info.tcp_connect_info(),
+            };
             let tls = acceptor.accept(io).await.map_err(SniffError::Tls)?;
-            info.tls = true;
-            if let Some(certs) = tls.get_ref().1.peer_certificates() {
-                info.peer_certificates = Some(Arc::new(
-                    certs.iter().map(|c| c.clone().into_owned()).collect(),
-                ));
-            }
+            info.set_tls(tonic::transport::server::Connected::connect_info(&tls));
             Box::new(tls) as BoxIo
         }
     };
@@ -433,3 +546,8 @@ async fn sniff(io: BoxIo, mut info: ConnInfo, inner: &Inner) -> Result<Sniffed, 
     }
     Ok(Sniffed { io, info, buf, len })
 }
+
+/// The README's examples, compiled as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

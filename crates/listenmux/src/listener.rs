@@ -7,7 +7,7 @@ use crate::{ConnInfo, Io, Transport};
 /// Something that accepts connections: implemented for tokio's
 /// [`TcpListener`](tokio::net::TcpListener) and
 /// [`UnixListener`](tokio::net::UnixListener). TLS is layered on by
-/// [`ListenMux::with_tls`](crate::ListenMux::with_tls), per connection, off
+/// [`ListenMuxBuilder::tls`](crate::ListenMuxBuilder::tls), per connection, off
 /// the accept loop.
 pub trait Listener: Send + 'static {
     /// The accepted byte stream.
@@ -24,12 +24,9 @@ impl Listener for tokio::net::TcpListener {
         let (stream, remote) = tokio::net::TcpListener::accept(self).await?;
         // gRPC is latency sensitive and frames are already batched above us.
         let _ = stream.set_nodelay(true);
-        let info = ConnInfo {
-            transport: Transport::Tcp,
-            remote_addr: Some(remote),
-            local_addr: stream.local_addr().ok(),
-            ..ConnInfo::default()
-        };
+        let info = ConnInfo::new(Transport::Tcp)
+            .with_remote_addr(Some(remote))
+            .with_local_addr(stream.local_addr().ok());
         Ok((stream, info))
     }
 }
@@ -39,10 +36,7 @@ impl Listener for tokio::net::UnixListener {
 
     async fn accept(&mut self) -> io::Result<(Self::Io, ConnInfo)> {
         let (stream, _) = tokio::net::UnixListener::accept(self).await?;
-        let info = ConnInfo {
-            transport: Transport::Unix,
-            ..ConnInfo::default()
-        };
+        let info = ConnInfo::new(Transport::Unix);
         Ok((stream, info))
     }
 }

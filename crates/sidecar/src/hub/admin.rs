@@ -72,12 +72,12 @@ impl Registration for HubApi {
         &self,
         request: Request<AnnounceRequest>,
     ) -> Result<Response<AnnounceResponse>, Status> {
-        let id = backchannel::peer_id(&request)?;
+        let id = backchannel::RequestExt::peer_id(&request)?;
         let r = request.into_inner();
         let replaced = self.state.announce(id, r.name, r.labels)?;
         Ok(Response::new(AnnounceResponse {
-            peer_id: id,
-            replaced_peer_id: replaced.unwrap_or(0),
+            peer_id: id.get(),
+            replaced_peer_id: replaced.map_or(0, |r| r.get()),
         }))
     }
 }

@@ -19,7 +19,7 @@ use std::{
 use anyhow::Context as _;
 use backchannel::{Registry, ServerHandshaker, SessionConfig};
 use futures::{Stream, StreamExt};
-use listenmux::{Connection, ListenMux, MuxConfig};
+use listenmux::{Connection, ListenMux};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
@@ -111,20 +111,21 @@ impl Hub {
         let state = HubState::new(registry.clone(), metrics);
         let events = state.spawn_event_loop();
 
-        let mut mux = ListenMux::new(MuxConfig::default()).register(
+        let mut mux = ListenMux::builder().handshaker(
             ServerHandshaker::new(registry.clone(), SessionConfig::server())
                 .with_max_peers(cfg.max_peers),
         );
         match (&cfg.tls_cert, &cfg.tls_key) {
             (Some(c), Some(k)) => {
                 let tls = crate::tls::server_config(c, k, cfg.client_ca.as_deref())?;
-                mux = mux.with_tls(tokio_rustls::TlsAcceptor::from(tls));
+                mux = mux.tls(tokio_rustls::TlsAcceptor::from(tls));
             }
             (None, None) if cfg.client_ca.is_none() => {}
             _ => anyhow::bail!(
                 "TLS needs both --tls-cert and --tls-key (--client-ca needs them too)"
             ),
         }
+        let mux = mux.build();
         let stats = mux.stats();
 
         let mut streams: Vec<ConnStream> = Vec::new();
@@ -266,7 +267,11 @@ impl Hub {
     }
 
     /// Waits (bounded) until a peer has announced `name`; returns its ID.
-    pub async fn wait_for_name(&self, name: &str, timeout: Duration) -> Option<u64> {
+    pub async fn wait_for_name(
+        &self,
+        name: &str,
+        timeout: Duration,
+    ) -> Option<backchannel::PeerId> {
         let (_, mut rx) = self.state.watch();
         tokio::time::timeout(timeout, async {
             loop {

@@ -150,7 +150,7 @@ impl HubState {
             self.metrics.sessions_closed.inc();
             to_pb(&e)
         };
-        tracing::info!(peer = id, name = %event.name, "peer left");
+        tracing::info!(peer = id.get(), name = %event.name, "peer left");
         self.emit(Kind::Left, event);
     }
 
@@ -218,7 +218,7 @@ impl HubState {
             }
             (replaced, pb)
         };
-        tracing::info!(peer = id, name = %event.name, replaced = ?replaced, "peer announced");
+        tracing::info!(peer = id.get(), name = %event.name, replaced = ?replaced, "peer announced");
         self.emit(Kind::Announced, event);
         if let Some(old) = replaced {
             self.registry.close(old);
@@ -250,7 +250,7 @@ impl HubState {
     pub fn resolve(self: &Arc<Self>, target: &str) -> Result<Route, Status> {
         let target = target.trim();
         let by_name = self.peer_named(target);
-        let id = match by_name.or_else(|| target.parse::<u64>().ok()) {
+        let id = match by_name.or_else(|| target.parse::<PeerId>().ok()) {
             Some(id) => id,
             None => {
                 return Err(Status::not_found(format!(
@@ -321,7 +321,7 @@ impl HubState {
 fn to_pb(e: &Entry) -> Peer {
     let c = &e.counters;
     Peer {
-        id: e.info.id,
+        id: e.info.id.get(),
         name: e.name.clone(),
         labels: e.labels.clone(),
         remote_addr: e
