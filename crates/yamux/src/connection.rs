@@ -13,23 +13,24 @@ use bytes::BytesMut;
 use tokio::{
     io::AsyncRead,
     io::AsyncWrite,
-    time::{Instant, Interval, MissedTickBehavior},
+    time::{Instant, Interval, MissedTickBehavior, Sleep},
 };
-use tracing::debug;
+use tracing::{debug, info};
 
 use crate::{
-    error::{EndReason, SessionError},
+    error::{EndReason, ResetReason, SessionError, StreamError},
     frame::{GoAwayCode, Header},
     read::ReadSide,
     shared::Shared,
     write::{WriteSide, BUDGET, KEEP_OUT},
 };
 
-/// Keepalive pings: the interval, and the ping in flight.
+/// Keepalive pings: the interval, and the ping in flight with the
+/// deadline for its answer.
 pub(crate) struct Keepalive {
     interval: Option<Interval>,
     timeout: Duration,
-    ping: Option<(u32, Instant)>,
+    ping: Option<(u32, Pin<Box<Sleep>>)>,
     ping_id: u32,
 }
 
@@ -50,32 +51,86 @@ impl Keepalive {
 
     /// A pong with `opaque` arrived.
     pub(crate) fn on_pong(&mut self, opaque: u32) {
-        if matches!(self.ping, Some((p, _)) if p == opaque) {
+        if matches!(&self.ping, Some((p, _)) if *p == opaque) {
             self.ping = None;
         }
     }
 
-    /// Sends a ping when due; fails if the last one is unanswered for too
-    /// long. `Ok(true)` if anything happened.
+    /// Sends a ping when due (none while one is unanswered); fails once a
+    /// ping is unanswered for the timeout, to the timer's precision.
+    /// `Ok(true)` if a ping went out.
     fn poll(&mut self, shared: &Shared, cx: &mut Context<'_>) -> Result<bool, SessionError> {
+        if let Some((_, deadline)) = &mut self.ping {
+            if deadline.as_mut().poll(cx).is_ready() {
+                return Err(SessionError::KeepaliveTimeout(self.timeout));
+            }
+        }
         let Some(iv) = &mut self.interval else {
             return Ok(false);
         };
-        if iv.poll_tick(cx).is_pending() {
+        if iv.poll_tick(cx).is_pending() || self.ping.is_some() {
             return Ok(false);
         }
-        match self.ping {
-            Some((_, sent)) if sent.elapsed() >= self.timeout => {
-                Err(SessionError::KeepaliveTimeout(self.timeout))
+        self.ping_id = self.ping_id.wrapping_add(1);
+        let mut deadline = Box::pin(tokio::time::sleep(self.timeout));
+        // Registers the timer with this task.
+        let _ = deadline.as_mut().poll(cx);
+        self.ping = Some((self.ping_id, deadline));
+        shared.lock().push(Header::ping(self.ping_id));
+        Ok(true)
+    }
+}
+
+/// Streams whose handle was dropped while the peer's half was open: reset
+/// and forgotten when the peer does not close it within the timeout.
+pub(crate) struct CloseTimers {
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+impl CloseTimers {
+    pub(crate) fn new() -> Self {
+        CloseTimers { sleep: None }
+    }
+
+    /// Resets the streams whose time is up; arms the timer for the next.
+    /// `true` if any was reset.
+    fn poll(&mut self, shared: &Shared, cx: &mut Context<'_>, wake: &mut Vec<Waker>) -> bool {
+        let mut inner = shared.lock();
+        let now = Instant::now();
+        let mut any = false;
+        while let Some(&(at, id)) = inner.close_timers.front() {
+            if at > now {
+                break;
             }
-            Some(_) => Ok(true),
-            None => {
-                self.ping_id = self.ping_id.wrapping_add(1);
-                self.ping = Some((self.ping_id, Instant::now()));
-                shared.lock().push(Header::ping(self.ping_id));
-                Ok(true)
+            inner.close_timers.pop_front();
+            if inner.streams.get(&id).is_some_and(|st| st.detached) {
+                debug!(stream = %id, "peer kept a closed stream open past the close timeout; resetting it");
+                inner.reset_stream(
+                    id,
+                    StreamError::ResetLocally(ResetReason::CloseTimeout),
+                    wake,
+                );
+                any = true;
             }
         }
+        let next = inner.close_timers.front().map(|&(at, _)| at);
+        drop(inner);
+        match next {
+            None => self.sleep = None,
+            Some(at) => {
+                let sleep = self
+                    .sleep
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+                if sleep.deadline() != at {
+                    sleep.as_mut().reset(at);
+                }
+                if sleep.as_mut().poll(cx).is_ready() {
+                    // Due meanwhile: handled on the next round.
+                    cx.waker().wake_by_ref();
+                }
+            }
+        }
+        any
     }
 }
 
@@ -90,6 +145,7 @@ pub struct Connection<T> {
     pub(crate) read: ReadSide<T>,
     pub(crate) write: WriteSide,
     pub(crate) keepalive: Keepalive,
+    pub(crate) close_timers: CloseTimers,
     /// Set when the configuration was invalid: the session ends at once.
     pub(crate) invalid: Option<SessionError>,
     pub(crate) closing: bool,
@@ -131,8 +187,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Future for Connection<T
                 debug!("yamux session ended");
                 EndReason::Closed
             }
+            Err(e) if e.is_normal_end() => {
+                debug!("yamux session ended: the peer closed the connection");
+                e.end_reason()
+            }
             Err(e) => {
-                debug!(error = %e, "yamux session failed");
+                info!(error = %e, "yamux session failed");
                 e.end_reason()
             }
         };
@@ -204,16 +264,24 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<T> {
                 }
             }
             let mut progress = self.keepalive.poll(&self.shared, cx)?;
+            progress |= self.close_timers.poll(&self.shared, cx, &mut self.wake);
+            for w in self.wake.drain(..) {
+                w.wake();
+            }
             let (wrote, idle) = self.write.poll(&self.shared, cx, &mut self.wake)?;
             progress |= wrote;
-            if self.closing {
-                if idle {
-                    std::task::ready!(self.write.poll_shutdown(&self.shared, cx));
-                    return Poll::Ready(Ok(()));
-                }
-            } else {
+            if self.closing && idle {
+                std::task::ready!(self.write.poll_shutdown(&self.shared, cx));
+                return Poll::Ready(Ok(()));
+            }
+            {
+                // Reading goes on while closing, so that a peer blocked on
+                // writing to us can drain what we write.
                 match self.read.poll(cx, &mut self.keepalive, &mut self.wake) {
                     Ok(read) => progress |= read,
+                    Err(SessionError::ClosedByPeer) if self.closing => {
+                        return Poll::Ready(Ok(()));
+                    }
                     Err(e) => {
                         // Best effort, without waiting (a GoAway may be
                         // queued): the connection is torn down right after.

@@ -16,7 +16,7 @@ use tracing::{debug, trace, warn};
 
 use crate::{
     connection::Keepalive,
-    error::{ProtocolViolation, SessionError, StreamError},
+    error::{ProtocolViolation, ResetReason, SessionError, StreamError},
     frame::{FrameType, GoAwayCode, Header, StreamId, ACK, FIN, HEADER_LEN, RST, SYN},
     shared::{Inner, Shared},
     stream::Stream,
@@ -61,6 +61,9 @@ pub(crate) struct ReadSide<T> {
     skip: usize,
     paused: bool,
     read_chunk: usize,
+    /// Size of the allocation `rbuf` reads into: what a slice of it may
+    /// keep alive, and so what a slice is charged.
+    alloc: usize,
 }
 
 impl<T: AsyncRead> ReadSide<T> {
@@ -74,6 +77,7 @@ impl<T: AsyncRead> ReadSide<T> {
             skip: 0,
             paused: false,
             read_chunk: MIN_READ_CHUNK,
+            alloc: 0,
         }
     }
 
@@ -101,7 +105,14 @@ impl<T: AsyncRead> ReadSide<T> {
                 .saturating_sub(self.rbuf.len());
             let spare = self.rbuf.capacity() - self.rbuf.len();
             if spare < need || spare < MIN_SPARE {
+                let before = self.rbuf.as_ptr();
                 self.rbuf.reserve(need.max(self.read_chunk));
+                let now = self.rbuf.len() + self.rbuf.capacity();
+                self.alloc = if self.rbuf.as_ptr() == before {
+                    self.alloc.max(now)
+                } else {
+                    now
+                };
             }
             let spare = self.rbuf.capacity() - self.rbuf.len();
             match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf) {
@@ -197,21 +208,44 @@ impl<T: AsyncRead> ReadSide<T> {
             self.pending = None;
             self.rbuf.advance(HEADER_LEN);
             let id = h.id();
+            let budget = inner.max_buffered - inner.buffered;
             match inner.streams.get_mut(&id) {
+                Some(st) if st.detached && !st.remote_closed => {
+                    // The handle went away while the body was arriving:
+                    // nobody will read it.
+                    self.rbuf.advance(len);
+                    inner.remove(id);
+                    inner.push(Header::rst(id));
+                    continue;
+                }
                 Some(st) if st.reset.is_none() => {
-                    // Larger frames stay slices of the read buffer. With one
-                    // busy stream its slices share and release buffers in
-                    // order; a stalled stream among busy ones can pin up to
-                    // ~17 times its window (256 KiB buffers behind 16 KiB
-                    // frames). Copying earlier cost 10-25% of throughput,
-                    // because a busy reader is often far behind.
-                    if len < COPY_BELOW {
+                    // Larger frames stay slices of the read buffer, charged
+                    // for the whole buffer they may keep alive; when that
+                    // does not fit the budget they are copied (charged
+                    // exactly); when even that does not fit, the stream is
+                    // reset.
+                    let charge = self.alloc.max(len);
+                    if len >= COPY_BELOW && charge <= budget {
+                        st.push_slice(self.rbuf.split_to(len).freeze(), charge, wake);
+                        inner.buffered += charge;
+                    } else if len <= budget {
                         st.push_copy(&self.rbuf[..len], wake);
                         self.rbuf.advance(len);
+                        inner.buffered += len;
                     } else {
-                        st.push_slice(self.rbuf.split_to(len).freeze(), wake);
+                        self.rbuf.advance(len);
+                        warn!(
+                            stream = %id,
+                            buffered = inner.buffered,
+                            "yamux receive buffer budget exhausted; resetting the stream"
+                        );
+                        inner.reset_stream(
+                            id,
+                            StreamError::ResetLocally(ResetReason::BufferBudget),
+                            wake,
+                        );
+                        continue;
                     }
-                    inner.buffered += len;
                 }
                 _ => self.rbuf.advance(len),
             }
@@ -245,6 +279,11 @@ impl<T: AsyncRead> ReadSide<T> {
                     }
                 }
                 inner.remote_goaway = true;
+                if h.length != GoAwayCode::Normal as u32 {
+                    // As hashicorp/yamux: a protocol or internal error
+                    // from the peer ends the session.
+                    return Err(SessionError::GoAwayError(h.length));
+                }
                 return Ok(Next::Done);
             }
             FrameType::Data | FrameType::WindowUpdate => {}

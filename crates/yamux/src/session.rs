@@ -15,7 +15,7 @@ use tracing::trace;
 
 use crate::{
     config::{Config, Mode},
-    connection::{Connection, Keepalive},
+    connection::{CloseTimers, Connection, Keepalive},
     error::OpenError,
     frame::StreamId,
     read::ReadSide,
@@ -49,7 +49,7 @@ where
     let invalid = config.validate().err().map(Into::into);
     let (read, write) = tokio::io::split(io);
     let shared = Arc::new(Shared::new(
-        Inner::new(mode, config.window(), config.max_streams().max(1)),
+        Inner::new(&config, mode),
         Writer::new(Box::pin(write)),
     ));
     let (tx, rx) = mpsc::channel(config.accept_backlog().max(1));
@@ -62,6 +62,7 @@ where
         read: ReadSide::new(read, shared.clone(), tx),
         write: WriteSide::new(config.write_timeout()),
         keepalive,
+        close_timers: CloseTimers::new(),
         invalid,
         closing: false,
         finished: false,

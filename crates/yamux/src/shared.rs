@@ -2,16 +2,18 @@
 //! it from a handle: [`Shared::update`].
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     sync::{Mutex, MutexGuard},
     task::Waker,
+    time::Duration,
 };
 
 use bytes::BytesMut;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    config::Mode,
+    config::{Config, Mode},
     error::{EndReason, StreamError},
     frame::{Header, StreamId, INITIAL_WINDOW},
     stream_state::StreamState,
@@ -87,8 +89,15 @@ pub(crate) struct Inner {
     pub(crate) next_id: u64,
     /// Highest stream ID the peer has opened.
     pub(crate) max_peer_id: u32,
-    /// Received bytes buffered in all streams.
+    /// Memory held for received data of all streams (slices charged for
+    /// the buffers they keep alive); at most `max_buffered`.
     pub(crate) buffered: usize,
+    pub(crate) max_buffered: usize,
+    /// How long a dropped stream waits for the peer's FIN.
+    pub(crate) close_timeout: Duration,
+    /// Dropped streams waiting for the peer's FIN, by deadline (in order:
+    /// one timeout for all).
+    pub(crate) close_timers: VecDeque<(Instant, StreamId)>,
     /// Encoded frames waiting for the connection to write them.
     pub(crate) out: BytesMut,
     /// The connection's task, when it waits for work.
@@ -111,7 +120,8 @@ pub(crate) struct Inner {
 }
 
 impl Inner {
-    pub(crate) fn new(mode: Mode, window: u32, max_streams: usize) -> Self {
+    pub(crate) fn new(config: &Config, mode: Mode) -> Self {
+        let (window, max_streams) = (config.window(), config.max_streams().max(1));
         Inner {
             mode,
             window,
@@ -123,6 +133,9 @@ impl Inner {
             },
             max_peer_id: 0,
             buffered: 0,
+            max_buffered: config.max_buffered(),
+            close_timeout: config.stream_close_timeout(),
+            close_timers: VecDeque::new(),
             out: BytesMut::new(),
             driver: None,
             notified: false,
@@ -225,6 +238,18 @@ impl Inner {
         if let Some(mut st) = self.streams.remove(&id) {
             self.buffered -= st.discard();
         }
+    }
+
+    /// Resets stream `id` from our side: RST out, its data dropped, its
+    /// reader and writer woken with `why`.
+    pub(crate) fn reset_stream(&mut self, id: StreamId, why: StreamError, wake: &mut Vec<Waker>) {
+        let Some(st) = self.streams.get_mut(&id) else {
+            return;
+        };
+        st.set_reset(why, wake);
+        self.discard(id);
+        self.push(Header::rst(id));
+        self.reap(id);
     }
 
     /// Forgets a stream whose handle is gone once nothing more can happen

@@ -139,10 +139,15 @@ impl AsyncRead for Stream {
             let Some(st) = inner.streams.get_mut(&id) else {
                 return Poll::Ready(Err(ended.into()));
             };
+            // Reset wins over buffered data and FIN (as in hashicorp/yamux):
+            // a reset stream never ends in a clean EOF.
+            if let Some(e) = st.reset {
+                return Poll::Ready(Err(e.into()));
+            }
             if st.recv_buffered > 0 {
-                let n = st.read_into(buf);
+                let (_, freed) = st.read_into(buf);
                 let credit = st.take_credit(window);
-                inner.buffered -= n;
+                inner.buffered -= freed;
                 if let Some(delta) = credit {
                     inner.push(Header::window_update(id, delta));
                 }
@@ -150,9 +155,6 @@ impl AsyncRead for Stream {
             }
             if st.remote_closed {
                 return Poll::Ready(Ok(()));
-            }
-            if let Some(e) = st.reset {
-                return Poll::Ready(Err(e.into()));
             }
             if dead {
                 return Poll::Ready(Err(ended.into()));
@@ -239,6 +241,13 @@ impl Stream {
                 inner.push(Header::fin(id));
             }
             inner.reap(id);
+            if inner.streams.contains_key(&id) {
+                // The peer's half is open: it has the close timeout to
+                // close it.
+                let at = tokio::time::Instant::now() + inner.close_timeout;
+                inner.close_timers.push_back((at, id));
+                inner.notify();
+            }
         });
     }
 }

@@ -14,9 +14,12 @@ use crate::error::StreamError;
 /// still act on the stream.
 #[derive(Default)]
 pub(crate) struct StreamState {
-    /// Received data not yet read: slices of the connection's read buffer,
-    /// then `tail`.
-    recv: VecDeque<Bytes>,
+    /// Received data not yet read: slices of the connection's read buffer
+    /// (each with the memory it is charged for: the whole buffer it may
+    /// keep alive), then `tail`.
+    recv: VecDeque<(Bytes, usize)>,
+    /// Memory charged to the session's budget for `recv` and `tail`.
+    charged: usize,
     /// Small frames' data, copied; newer than `recv`.
     tail: BytesMut,
     /// Bytes in `recv` and `tail`.
@@ -76,30 +79,38 @@ impl StreamState {
     pub(crate) fn push_copy(&mut self, data: &[u8], wake: &mut Vec<Waker>) {
         self.tail.extend_from_slice(data);
         self.recv_buffered += data.len();
+        self.charged += data.len();
         wake.extend(self.read_waker.take());
     }
 
-    /// Buffers a frame's data as a slice of the read buffer.
-    pub(crate) fn push_slice(&mut self, data: Bytes, wake: &mut Vec<Waker>) {
+    /// Buffers a frame's data as a slice of the read buffer, charged
+    /// `charge` bytes (at least its length).
+    pub(crate) fn push_slice(&mut self, data: Bytes, charge: usize, wake: &mut Vec<Waker>) {
         if !self.tail.is_empty() {
-            self.recv.push_back(self.tail.split().freeze());
+            let t = self.tail.split().freeze();
+            let n = t.len();
+            self.recv.push_back((t, n));
         }
         self.recv_buffered += data.len();
-        self.recv.push_back(data);
+        self.charged += charge;
+        self.recv.push_back((data, charge));
         wake.extend(self.read_waker.take());
     }
 
-    /// Copies buffered data into `buf`; returns how many bytes.
-    pub(crate) fn read_into(&mut self, buf: &mut ReadBuf<'_>) -> usize {
+    /// Copies buffered data into `buf`; returns how many bytes, and how
+    /// much of the charge that released.
+    pub(crate) fn read_into(&mut self, buf: &mut ReadBuf<'_>) -> (usize, usize) {
         let mut n = 0;
+        let mut freed = 0;
         while buf.remaining() > 0 {
-            let Some(front) = self.recv.front_mut() else {
+            let Some((front, charge)) = self.recv.front_mut() else {
                 break;
             };
             let k = front.len().min(buf.remaining());
             buf.put_slice(&front[..k]);
             front.advance(k);
             if front.is_empty() {
+                freed += *charge;
                 self.recv.pop_front();
             }
             n += k;
@@ -108,11 +119,13 @@ impl StreamState {
             let k = self.tail.len().min(buf.remaining());
             buf.put_slice(&self.tail[..k]);
             self.tail.advance(k);
+            freed += k;
             n += k;
         }
         self.recv_buffered -= n;
         self.recv_consumed += n as u32;
-        n
+        self.charged -= freed;
+        (n, freed)
     }
 
     /// The window credit to send back after a read, once half the window
@@ -126,11 +139,12 @@ impl StreamState {
         Some(delta)
     }
 
-    /// Drops every buffered byte; returns how many.
+    /// Drops every buffered byte; returns the charge that released.
     pub(crate) fn discard(&mut self) -> usize {
         self.recv.clear();
         self.tail = BytesMut::new();
-        std::mem::take(&mut self.recv_buffered)
+        self.recv_buffered = 0;
+        std::mem::take(&mut self.charged)
     }
 
     /// Marks the stream reset and wakes its reader and writer.

@@ -28,6 +28,9 @@ pub(crate) struct Writer {
     /// How much of `buf` is written.
     pos: usize,
     need_flush: bool,
+    /// A stream's direct write moved bytes (or a flush) since the
+    /// connection task last looked: any stall it timed is over.
+    progressed: bool,
 }
 
 impl Writer {
@@ -37,6 +40,7 @@ impl Writer {
             buf: BytesMut::new(),
             pos: 0,
             need_flush: false,
+            progressed: false,
         }
     }
 
@@ -86,6 +90,7 @@ impl Writer {
         while unwritten > 0 {
             match io.as_mut().poll_write_vectored(cx, parts) {
                 Poll::Ready(Ok(k)) if k > 0 => {
+                    self.progressed = true;
                     let k = k.min(unwritten);
                     unwritten -= k;
                     IoSlice::advance_slices(&mut parts, k);
@@ -125,9 +130,16 @@ pub(crate) fn put_prefix(buf: &mut BytesMut, bufs: &[IoSlice<'_>], n: usize) {
 
 /// The connection task's part of writing: moves queued frames to the
 /// transport and bounds how long the transport may stall.
+///
+/// The deadline measures one continuous stall: it starts when a write or
+/// flush is Pending and is dropped as soon as any write or flush (the
+/// connection's or a stream's direct one) completes, or nothing is left
+/// to write.
 pub(crate) struct WriteSide {
     timeout: Duration,
     deadline: Option<Pin<Box<Sleep>>>,
+    /// Bounds the transport's shutdown after GoAway.
+    shutdown_deadline: Option<Pin<Box<Sleep>>>,
 }
 
 impl WriteSide {
@@ -135,6 +147,7 @@ impl WriteSide {
         WriteSide {
             timeout,
             deadline: None,
+            shutdown_deadline: None,
         }
     }
 
@@ -152,6 +165,9 @@ impl WriteSide {
         let Some(io) = w.io.as_mut() else {
             return Ok((false, true));
         };
+        if std::mem::take(&mut w.progressed) {
+            self.deadline = None;
+        }
         for _ in 0..BUDGET {
             if w.pos == w.buf.len() {
                 w.buf.clear();
@@ -186,7 +202,10 @@ impl WriteSide {
         let written = w.pos == w.buf.len();
         if written && w.need_flush {
             match io.as_mut().poll_flush(cx) {
-                Poll::Ready(Ok(())) => w.need_flush = false,
+                Poll::Ready(Ok(())) => {
+                    w.need_flush = false;
+                    self.deadline = None;
+                }
                 Poll::Ready(Err(e)) => return Err(e.into()),
                 Poll::Pending => {
                     drop(guard);
@@ -194,6 +213,10 @@ impl WriteSide {
                     return Ok((progress, false));
                 }
             }
+        }
+        if written && !w.need_flush {
+            // Nothing in flight: no stall to time.
+            self.deadline = None;
         }
         if written && w.buf.capacity() > KEEP_OUT && !progress {
             // Idle: give the buffer back.
@@ -214,12 +237,23 @@ impl WriteSide {
         Ok(())
     }
 
-    /// Shuts the transport's write half down (after the GoAway).
+    /// Shuts the transport's write half down (after the GoAway), for at
+    /// most the write timeout: a shutdown that cannot complete (a TLS
+    /// close_notify the peer never reads) does not keep the session alive.
     pub(crate) fn poll_shutdown(&mut self, shared: &Shared, cx: &mut Context<'_>) -> Poll<()> {
         let mut w = shared.lock_writer();
         if let Some(io) = w.io.as_mut() {
             // Best effort: the peer sees the end either way.
-            let _ = std::task::ready!(io.as_mut().poll_shutdown(cx));
+            if io.as_mut().poll_shutdown(cx).is_pending() {
+                let timeout = self.timeout;
+                let deadline = self
+                    .shutdown_deadline
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                if deadline.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                tracing::debug!("yamux transport shutdown timed out; dropping it");
+            }
         }
         Poll::Ready(())
     }

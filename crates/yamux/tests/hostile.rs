@@ -941,17 +941,20 @@ async fn peer_goaway_refuses_our_opens_but_keeps_streams() {
 }
 
 #[tokio::test]
-async fn peer_goaway_with_error_code_then_eof() {
+async fn peer_goaway_with_error_code_ends_the_session() {
+    // As hashicorp/yamux: GoAway with an error code is fatal.
     let (mut peer, mut side) = server().await;
     peer.send(FrameType::GoAway, 0, 0, 2).await;
-    peer.sync().await;
+    assert!(peer.until_eof().await.is_empty());
+    within("closed()", side.control.closed()).await;
+    assert!(matches!(
+        side.result().await,
+        Err(SessionError::GoAwayError(2))
+    ));
     assert_eq!(
         side.control.open_stream().unwrap_err(),
-        OpenError::RemoteGoAway
+        OpenError::SessionClosed
     );
-    peer.io.shutdown().await.unwrap();
-    within("closed()", side.control.closed()).await;
-    assert!(side.result().await.is_ok());
 }
 
 #[tokio::test]
