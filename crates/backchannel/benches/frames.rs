@@ -40,11 +40,9 @@ async fn pair() -> (Io, BoxIo) {
             _ => panic!("server handshake failed"),
         }
     });
-    let cfg = backchannel_yamux::Config {
-        max_stream_window: 4 << 20,
-        keepalive: None,
-        ..Default::default()
-    };
+    let cfg = backchannel_yamux::Config::default()
+        .with_max_stream_window(4 << 20)
+        .with_keepalive(None);
     let (control, _incoming, conn) =
         backchannel_yamux::session(c, cfg, backchannel_yamux::Mode::Client);
     tokio::spawn(conn);

@@ -158,13 +158,12 @@ impl SessionConfig {
     }
 
     pub(crate) fn yamux(&self) -> backchannel_yamux::Config {
-        backchannel_yamux::Config {
-            max_stream_window: self.max_stream_window,
-            accept_backlog: self.accept_backlog.max(1),
-            max_streams: self.max_streams.max(1),
-            keepalive: self.keepalive,
-            keepalive_timeout: self.keepalive_timeout,
-            write_timeout: self.write_timeout,
-        }
+        backchannel_yamux::Config::default()
+            .with_max_stream_window(self.max_stream_window)
+            .with_accept_backlog(self.accept_backlog.max(1))
+            .with_max_streams(self.max_streams.max(1))
+            .with_keepalive(self.keepalive)
+            .with_keepalive_timeout(self.keepalive_timeout)
+            .with_write_timeout(self.write_timeout)
     }
 }

@@ -18,10 +18,7 @@ const TOTAL: usize = 8 * 1024 * 1024;
 /// (the reader), over an in-memory pipe.
 async fn our_writer_pair() -> (backchannel::YamuxStream, StreamHandle) {
     let (a, b) = tokio::io::duplex(64 * 1024);
-    let cfg = backchannel_yamux::Config {
-        keepalive: None,
-        ..Default::default()
-    };
+    let cfg = backchannel_yamux::Config::default().with_keepalive(None);
     let (_control, mut incoming, conn) =
         backchannel_yamux::session(a, cfg, backchannel_yamux::Mode::Server);
     tokio::spawn(conn);

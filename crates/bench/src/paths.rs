@@ -227,11 +227,9 @@ pub async fn yamux_pair(
             Err(e) => Err(anyhow!("server handshake: {e}")),
         }
     });
-    let cfg = backchannel_yamux::Config {
-        max_stream_window: window,
-        keepalive: None,
-        ..Default::default()
-    };
+    let cfg = backchannel_yamux::Config::default()
+        .with_max_stream_window(window)
+        .with_keepalive(None);
     let (control, _inbound, conn) =
         backchannel_yamux::session(c, cfg, backchannel_yamux::Mode::Client);
     let driver = tokio::spawn(async move {

@@ -6,6 +6,7 @@ use crate::frame::HeaderError;
 
 /// Why a session ended.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum SessionError {
     /// Reading or writing the transport failed.
     #[error("yamux transport: {0}")]
@@ -20,9 +21,173 @@ pub enum SessionError {
     /// The transport accepted no bytes for too long.
     #[error("yamux write timed out after {0:?}")]
     WriteTimeout(std::time::Duration),
-    /// The peer closed the transport without a GoAway.
+    /// The peer closed the transport without a GoAway. This is how a
+    /// hashicorp/yamux peer ends a session normally (its `Close()` sends no
+    /// GoAway): see [`is_normal_end`](Self::is_normal_end).
     #[error("yamux: the peer closed the connection")]
     ClosedByPeer,
+    /// The peer sent GoAway with an error code (1: protocol error, 2:
+    /// internal error), which ends the session at once.
+    #[error("yamux: the peer went away with error code {0}")]
+    GoAwayError(u32),
+    /// The [`Config`](crate::Config) was invalid; the session never started.
+    #[error("yamux configuration: {0}")]
+    Config(#[from] ConfigError),
+}
+
+impl SessionError {
+    /// Whether this is how a healthy peer ends a session: it closed the
+    /// connection without a GoAway, as hashicorp/yamux's `Close()` does.
+    ///
+    /// ```
+    /// use backchannel_yamux::SessionError;
+    /// assert!(SessionError::ClosedByPeer.is_normal_end());
+    /// assert!(!SessionError::GoAwayError(1).is_normal_end());
+    /// ```
+    pub fn is_normal_end(&self) -> bool {
+        matches!(self, SessionError::ClosedByPeer)
+    }
+
+    /// What streams of a session that ended this way report.
+    pub(crate) fn end_reason(&self) -> EndReason {
+        match self {
+            SessionError::Io(_) => EndReason::Transport,
+            SessionError::Protocol(_) => EndReason::ProtocolError,
+            SessionError::KeepaliveTimeout(_) => EndReason::KeepaliveTimeout,
+            SessionError::WriteTimeout(_) => EndReason::WriteTimeout,
+            SessionError::ClosedByPeer => EndReason::ClosedByPeer,
+            SessionError::GoAwayError(c) => EndReason::GoAwayError(*c),
+            SessionError::Config(_) => EndReason::Config,
+        }
+    }
+}
+
+/// How a session ended, as its streams see it (see [`StreamError`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EndReason {
+    /// Closed by us (`Control::close`, or every handle dropped), or by the
+    /// peer with a normal GoAway.
+    #[error("the session was closed")]
+    Closed,
+    /// The peer closed the transport without a GoAway.
+    #[error("the peer closed the connection")]
+    ClosedByPeer,
+    /// The peer sent GoAway with this error code.
+    #[error("the peer went away with error code {0}")]
+    GoAwayError(u32),
+    /// The transport failed.
+    #[error("the transport failed")]
+    Transport,
+    /// A protocol error (ours to report: we sent GoAway).
+    #[error("protocol error")]
+    ProtocolError,
+    /// The transport accepted no bytes for the write timeout.
+    #[error("write timeout")]
+    WriteTimeout,
+    /// A ping went unanswered.
+    #[error("keepalive timeout")]
+    KeepaliveTimeout,
+    /// The configuration was invalid.
+    #[error("invalid configuration")]
+    Config,
+}
+
+/// Why a stream read or write failed: the inner error of the `io::Error`
+/// that [`Stream`](crate::Stream) returns (get it with
+/// [`StreamError::of`]), so callers can tell transport loss by cause.
+///
+/// ```
+/// use backchannel_yamux::StreamError;
+/// let e: std::io::Error = StreamError::ResetByPeer.into();
+/// assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset);
+/// assert_eq!(StreamError::of(&e), Some(&StreamError::ResetByPeer));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StreamError {
+    /// The peer reset the stream (RST). `ConnectionReset`.
+    #[error("the yamux stream was reset by the peer")]
+    ResetByPeer,
+    /// We reset the stream: its close timeout passed, or the session's
+    /// buffer budget was exhausted. `ConnectionReset`.
+    #[error("the yamux stream was reset: {0}")]
+    ResetLocally(ResetReason),
+    /// Write after `shutdown`. `BrokenPipe`.
+    #[error("write after shutdown of the yamux stream")]
+    WriteAfterShutdown,
+    /// The session is closing (GoAway sent): no more data. `BrokenPipe`.
+    #[error("the yamux session is closing")]
+    SessionClosing,
+    /// The session has ended. `ConnectionAborted`.
+    #[error("the yamux session ended: {0}")]
+    SessionEnded(EndReason),
+}
+
+/// Why we reset a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ResetReason {
+    /// The peer kept its half open past the stream close timeout.
+    #[error("close timeout")]
+    CloseTimeout,
+    /// Its data did not fit the session's receive buffer budget.
+    #[error("receive buffer budget exhausted")]
+    BufferBudget,
+}
+
+impl StreamError {
+    /// The `io::ErrorKind` the stream reports this with.
+    pub fn kind(&self) -> io::ErrorKind {
+        match self {
+            StreamError::ResetByPeer | StreamError::ResetLocally(_) => {
+                io::ErrorKind::ConnectionReset
+            }
+            StreamError::WriteAfterShutdown | StreamError::SessionClosing => {
+                io::ErrorKind::BrokenPipe
+            }
+            StreamError::SessionEnded(_) => io::ErrorKind::ConnectionAborted,
+        }
+    }
+
+    /// The `StreamError` inside an `io::Error` from a [`Stream`](crate::Stream),
+    /// if it is one.
+    pub fn of(e: &io::Error) -> Option<&StreamError> {
+        e.get_ref()?.downcast_ref()
+    }
+}
+
+impl From<StreamError> for io::Error {
+    fn from(e: StreamError) -> io::Error {
+        io::Error::new(e.kind(), e)
+    }
+}
+
+/// An invalid [`Config`](crate::Config).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A duration that must be positive is zero.
+    #[error("{0} must be greater than zero")]
+    Zero(&'static str),
+    /// A duration beyond [`Config::MAX_DURATION`](crate::Config::MAX_DURATION).
+    #[error("{name} of {value:?} exceeds the maximum of {max:?}")]
+    TooLong {
+        /// The setting.
+        name: &'static str,
+        /// Its value.
+        value: std::time::Duration,
+        /// The largest value allowed.
+        max: std::time::Duration,
+    },
+    /// The buffer budget is smaller than one stream's receive window.
+    #[error("max_buffered ({budget}) is below the stream window ({window})")]
+    BudgetBelowWindow {
+        /// The budget.
+        budget: usize,
+        /// The window.
+        window: u32,
+    },
 }
 
 /// What the peer did wrong.

@@ -138,6 +138,122 @@ impl Header {
     }
 }
 
+/// A stream ID. Clients open odd IDs, servers even ones; 0 is the session
+/// itself (Ping and GoAway frames).
+///
+/// ```
+/// use backchannel_yamux::frame::StreamId;
+/// let id = StreamId::new(3);
+/// assert!(id.is_client_initiated() && !id.is_server_initiated());
+/// assert!(StreamId::new(4).is_server_initiated());
+/// assert!(StreamId::SESSION.is_session());
+/// assert_eq!(id.get(), 3);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StreamId(u32);
+
+impl StreamId {
+    /// The session's own ID (0).
+    pub const SESSION: StreamId = StreamId(0);
+
+    /// The ID `id`.
+    pub const fn new(id: u32) -> Self {
+        StreamId(id)
+    }
+
+    /// The ID as a number.
+    pub const fn get(self) -> u32 {
+        self.0
+    }
+
+    /// Whether this is 0, the session's ID.
+    pub const fn is_session(self) -> bool {
+        self.0 == 0
+    }
+
+    /// Whether a client opened it (odd).
+    pub const fn is_client_initiated(self) -> bool {
+        self.0 % 2 == 1
+    }
+
+    /// Whether a server opened it (even, not 0).
+    pub const fn is_server_initiated(self) -> bool {
+        self.0 != 0 && self.0 % 2 == 0
+    }
+}
+
+impl From<u32> for StreamId {
+    fn from(id: u32) -> Self {
+        StreamId(id)
+    }
+}
+
+impl std::fmt::Display for StreamId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Named constructors for the frames a session sends.
+///
+/// ```
+/// use backchannel_yamux::frame::{Header, FrameType, GoAwayCode, StreamId, SYN, RST};
+/// assert_eq!(Header::syn(StreamId::new(1), 0), Header::new(FrameType::WindowUpdate, SYN, 1, 0));
+/// assert_eq!(Header::rst(StreamId::new(2)).flags, RST);
+/// assert_eq!(Header::go_away(GoAwayCode::ProtocolError).length, 1);
+/// ```
+impl Header {
+    /// The stream this frame belongs to.
+    pub const fn id(&self) -> StreamId {
+        StreamId(self.stream_id)
+    }
+
+    /// A data frame header for `len` payload bytes.
+    pub const fn data(id: StreamId, len: u32) -> Self {
+        Header::new(FrameType::Data, 0, id.0, len)
+    }
+
+    /// A window update crediting `delta` bytes.
+    pub const fn window_update(id: StreamId, delta: u32) -> Self {
+        Header::new(FrameType::WindowUpdate, 0, id.0, delta)
+    }
+
+    /// Opens a stream, announcing `delta` bytes of window beyond the initial.
+    pub const fn syn(id: StreamId, delta: u32) -> Self {
+        Header::new(FrameType::WindowUpdate, SYN, id.0, delta)
+    }
+
+    /// Accepts a stream, announcing `delta` bytes of window beyond the initial.
+    pub const fn ack(id: StreamId, delta: u32) -> Self {
+        Header::new(FrameType::WindowUpdate, ACK, id.0, delta)
+    }
+
+    /// Closes the sender's half of a stream.
+    pub const fn fin(id: StreamId) -> Self {
+        Header::new(FrameType::WindowUpdate, FIN, id.0, 0)
+    }
+
+    /// Resets a stream.
+    pub const fn rst(id: StreamId) -> Self {
+        Header::new(FrameType::WindowUpdate, RST, id.0, 0)
+    }
+
+    /// A ping asking for an answer with `opaque`.
+    pub const fn ping(opaque: u32) -> Self {
+        Header::new(FrameType::Ping, SYN, 0, opaque)
+    }
+
+    /// The answer to a ping with `opaque`.
+    pub const fn pong(opaque: u32) -> Self {
+        Header::new(FrameType::Ping, ACK, 0, opaque)
+    }
+
+    /// The session is ending, for the reason `code`.
+    pub const fn go_away(code: GoAwayCode) -> Self {
+        Header::new(FrameType::GoAway, 0, 0, code as u32)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -47,15 +47,23 @@
 //! # Ok(()) }
 //! ```
 
-#![warn(missing_docs)]
+#![warn(missing_docs, missing_debug_implementations)]
 
 mod config;
+mod connection;
 mod error;
 pub mod frame;
+mod read;
 mod session;
+mod shared;
 mod stream;
+mod stream_state;
+mod write;
 
 pub use config::{Config, Mode};
-pub use error::{OpenError, ProtocolViolation, SessionError};
-pub use session::{session, Connection, Control, Incoming};
+pub use connection::Connection;
+pub use error::{
+    ConfigError, EndReason, OpenError, ProtocolViolation, ResetReason, SessionError, StreamError,
+};
+pub use session::{session, Control, Incoming};
 pub use stream::Stream;

@@ -4,40 +4,55 @@ use std::{
     io::{self, IoSlice},
     pin::Pin,
     sync::Arc,
-    task::{Context, Poll, Waker},
+    task::{Context, Poll},
 };
 
-use bytes::Buf;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::{
-    frame::{FrameType, Header, FIN},
-    session::{put_prefix, Shared, MAX_DATA_FRAME, OUT_HIGH},
+    error::StreamError,
+    frame::{Header, StreamId},
+    shared::Shared,
+    write::put_prefix,
 };
+
+/// A stream writer waits while this much output is queued.
+pub(crate) const OUT_HIGH: usize = 512 * 1024;
+/// Largest data frame we send.
+pub(crate) const MAX_DATA_FRAME: usize = 256 * 1024;
 
 /// One yamux stream: a full-duplex byte stream with its own flow control.
 ///
 /// * Reads return data in order, then EOF once the peer has closed its half
-///   (FIN); an error if the stream was reset or the session ended first.
+///   (FIN); an error if the stream was reset (even after FIN: a reset
+///   stream never ends in a clean EOF) or the session ended first.
 /// * Each write (vectored writes too) becomes one data frame of up to the
 ///   send window (at most 256 KiB), queued for the connection task; a write
 ///   waits while the window is closed or the session's output is backed up.
 /// * `shutdown` sends FIN; reading goes on.
 /// * Dropping the stream sends FIN if it was not sent. If the peer then
-///   sends more data, the stream is reset, as TCP does for a closed socket.
+///   sends more data, or keeps its half open past the stream close timeout,
+///   the stream is reset, as TCP does for a closed socket.
+///
+/// Errors are `io::Error`s whose inner error is a [`StreamError`].
 pub struct Stream {
     shared: Arc<Shared>,
-    id: u32,
+    id: StreamId,
 }
 
 impl Stream {
-    pub(crate) fn new(shared: Arc<Shared>, id: u32) -> Self {
+    pub(crate) fn new(shared: Arc<Shared>, id: StreamId) -> Self {
         Stream { shared, id }
     }
 
     /// The stream ID: odd if the client side opened it, even if the server
     /// side did.
     pub fn id(&self) -> u32 {
+        self.id.get()
+    }
+
+    /// The stream ID as a [`StreamId`].
+    pub fn stream_id(&self) -> StreamId {
         self.id
     }
 
@@ -48,29 +63,23 @@ impl Stream {
         }
         let mut guard = self.shared.lock();
         let inner = &mut *guard;
-        if inner.dead {
-            return Poll::Ready(Err(session_ended()));
+        if inner.dead() {
+            return Poll::Ready(Err(inner.ended_error().into()));
         }
-        if inner.closing() {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "the yamux session is closing",
-            )));
+        if inner.close_requested {
+            return Poll::Ready(Err(StreamError::SessionClosing.into()));
         }
         let Some(st) = inner.streams.get_mut(&self.id) else {
-            return Poll::Ready(Err(session_ended()));
+            return Poll::Ready(Err(inner.ended_error().into()));
         };
-        if st.reset {
-            return Poll::Ready(Err(reset()));
+        if let Some(e) = st.reset {
+            return Poll::Ready(Err(e.into()));
         }
         if st.local_closed {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "write after shutdown of the yamux stream",
-            )));
+            return Poll::Ready(Err(StreamError::WriteAfterShutdown.into()));
         }
         if st.send_window == 0 {
-            set_waker(&mut st.write_waker, cx.waker());
+            st.wait_write(cx);
             return Poll::Pending;
         }
         if inner.out.len() >= OUT_HIGH {
@@ -81,7 +90,7 @@ impl Stream {
         }
         let n = total.min(st.send_window as usize).min(MAX_DATA_FRAME);
         st.send_window -= n as u32;
-        let header = Header::new(FrameType::Data, 0, self.id, n as u32);
+        let header = Header::data(self.id, n as u32);
         if inner.out.is_empty() {
             if let Some(mut writer) = self.shared.idle_writer() {
                 // Nothing queued, nothing in flight: straight to the
@@ -91,10 +100,7 @@ impl Stream {
                 let rest = writer.write_direct(cx, header.encode(), bufs, n);
                 drop(writer);
                 if rest {
-                    let driver = self.shared.lock().kick_driver();
-                    if let Some(w) = driver {
-                        w.wake();
-                    }
+                    self.shared.update(|inner| inner.kick_driver());
                 }
                 return Poll::Ready(Ok(n));
             }
@@ -103,28 +109,14 @@ impl Stream {
         out.reserve(crate::frame::HEADER_LEN + n);
         header.put(out);
         put_prefix(out, bufs, n);
-        let driver = inner.take_driver();
+        inner.notify();
+        let driver = inner.take_notified();
         drop(guard);
         if let Some(w) = driver {
             w.wake();
         }
         Poll::Ready(Ok(n))
     }
-}
-
-fn set_waker(slot: &mut Option<Waker>, w: &Waker) {
-    match slot {
-        Some(old) if old.will_wake(w) => {}
-        _ => *slot = Some(w.clone()),
-    }
-}
-
-fn session_ended() -> io::Error {
-    io::Error::new(io::ErrorKind::ConnectionAborted, "the yamux session ended")
-}
-
-fn reset() -> io::Error {
-    io::Error::new(io::ErrorKind::ConnectionReset, "the yamux stream was reset")
 }
 
 impl std::fmt::Debug for Stream {
@@ -139,58 +131,37 @@ impl AsyncRead for Stream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let mut guard = self.shared.lock();
-        let inner = &mut *guard;
-        let window = inner.window;
-        let Some(st) = inner.streams.get_mut(&self.id) else {
-            return Poll::Ready(Err(session_ended()));
-        };
-        if st.recv_buffered > 0 {
-            let mut n = 0;
-            while buf.remaining() > 0 {
-                let Some(front) = st.recv.front_mut() else {
-                    break;
-                };
-                let k = front.len().min(buf.remaining());
-                buf.put_slice(&front[..k]);
-                front.advance(k);
-                if front.is_empty() {
-                    st.recv.pop_front();
+        let id = self.id;
+        self.shared.update(|inner| {
+            let window = inner.window;
+            let dead = inner.dead();
+            let ended = inner.ended_error();
+            let Some(st) = inner.streams.get_mut(&id) else {
+                return Poll::Ready(Err(ended.into()));
+            };
+            // Reset wins over buffered data and FIN (as in hashicorp/yamux):
+            // a reset stream never ends in a clean EOF.
+            if let Some(e) = st.reset {
+                return Poll::Ready(Err(e.into()));
+            }
+            if st.recv_buffered > 0 {
+                let (_, freed) = st.read_into(buf);
+                let credit = st.take_credit(window);
+                inner.buffered -= freed;
+                if let Some(delta) = credit {
+                    inner.push(Header::window_update(id, delta));
                 }
-                n += k;
+                return Poll::Ready(Ok(()));
             }
-            if st.recv.is_empty() && buf.remaining() > 0 {
-                let k = st.tail.len().min(buf.remaining());
-                buf.put_slice(&st.tail[..k]);
-                st.tail.advance(k);
-                n += k;
+            if st.remote_closed {
+                return Poll::Ready(Ok(()));
             }
-            st.recv_buffered -= n;
-            st.recv_consumed += n as u32;
-            let mut driver = None;
-            if !st.remote_closed && st.recv_consumed >= window / 2 {
-                let delta = std::mem::take(&mut st.recv_consumed);
-                st.recv_window += delta;
-                Header::new(FrameType::WindowUpdate, 0, self.id, delta).put(&mut inner.out);
-                driver = inner.take_driver();
+            if dead {
+                return Poll::Ready(Err(ended.into()));
             }
-            drop(guard);
-            if let Some(w) = driver {
-                w.wake();
-            }
-            return Poll::Ready(Ok(()));
-        }
-        if st.remote_closed {
-            return Poll::Ready(Ok(()));
-        }
-        if st.reset {
-            return Poll::Ready(Err(reset()));
-        }
-        if inner.dead {
-            return Poll::Ready(Err(session_ended()));
-        }
-        set_waker(&mut st.read_waker, cx.waker());
-        Poll::Pending
+            st.wait_read(cx);
+            Poll::Pending
+        })
     }
 }
 
@@ -223,24 +194,20 @@ impl AsyncWrite for Stream {
 
     /// Sends FIN (once). Reading goes on until the peer's FIN.
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let mut inner = self.shared.lock();
-        if inner.dead {
-            return Poll::Ready(Ok(()));
-        }
         let id = self.id;
-        let Some(st) = inner.streams.get_mut(&id) else {
-            return Poll::Ready(Ok(()));
-        };
-        if st.local_closed || st.reset {
-            return Poll::Ready(Ok(()));
-        }
-        st.local_closed = true;
-        inner.push(Header::new(FrameType::WindowUpdate, FIN, id, 0));
-        let driver = inner.take_driver();
-        drop(inner);
-        if let Some(w) = driver {
-            w.wake();
-        }
+        self.shared.update(|inner| {
+            if inner.dead() {
+                return;
+            }
+            let Some(st) = inner.streams.get_mut(&id) else {
+                return;
+            };
+            if st.local_closed || st.reset.is_some() {
+                return;
+            }
+            st.local_closed = true;
+            inner.push(Header::fin(id));
+        });
         Poll::Ready(Ok(()))
     }
 }
@@ -256,32 +223,31 @@ impl Stream {
     /// Half of `Drop`: FIN if not sent, and forget the stream once the peer
     /// is done with it too.
     fn release(&mut self) {
-        let mut inner = self.shared.lock();
         let id = self.id;
-        let dead = inner.dead;
-        let Some(st) = inner.streams.get_mut(&id) else {
-            return;
-        };
-        if dead || st.reset {
-            inner.streams.remove(&id);
-            return;
-        }
-        st.detached = true;
-        st.recv.clear();
-        st.tail = bytes::BytesMut::new();
-        st.recv_buffered = 0;
-        st.read_waker = None;
-        st.write_waker = None;
-        let send_fin = !st.local_closed;
-        st.local_closed = true;
-        if send_fin {
-            inner.push(Header::new(FrameType::WindowUpdate, FIN, id, 0));
-        }
-        inner.reap(id);
-        let driver = if send_fin { inner.take_driver() } else { None };
-        drop(inner);
-        if let Some(w) = driver {
-            w.wake();
-        }
+        self.shared.update(|inner| {
+            let dead = inner.dead();
+            let Some(st) = inner.streams.get_mut(&id) else {
+                return;
+            };
+            if dead || st.reset.is_some() {
+                inner.remove(id);
+                return;
+            }
+            let freed = st.detach();
+            let send_fin = !st.local_closed;
+            st.local_closed = true;
+            inner.buffered -= freed;
+            if send_fin {
+                inner.push(Header::fin(id));
+            }
+            inner.reap(id);
+            if inner.streams.contains_key(&id) {
+                // The peer's half is open: it has the close timeout to
+                // close it.
+                let at = tokio::time::Instant::now() + inner.close_timeout;
+                inner.close_timers.push_back((at, id));
+                inner.notify();
+            }
+        });
     }
 }

@@ -10,7 +10,7 @@ use std::{
 
 use backchannel_yamux::{
     frame::{FrameType, HeaderError, ACK, FIN, HEADER_LEN, INITIAL_WINDOW, RST, SYN},
-    Config, Mode, OpenError, ProtocolViolation, SessionError,
+    Mode, OpenError, ProtocolViolation, SessionError,
 };
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -93,11 +93,9 @@ async fn ping_syn_is_answered_with_ack_and_the_same_opaque() {
 
 #[tokio::test]
 async fn keepalive_pings_and_a_silent_peer_ends_the_session() {
-    let cfg = Config {
-        keepalive: Some(Duration::from_millis(30)),
-        keepalive_timeout: Duration::from_millis(150),
-        ..quiet(256 * KIB)
-    };
+    let cfg = quiet(256 * KIB)
+        .with_keepalive(Some(Duration::from_millis(30)))
+        .with_keepalive_timeout(Duration::from_millis(150));
     let (mut peer, mut side) = raw_pair(cfg, Mode::Client).await;
     // Our pings: SYN, stream 0, a fresh opaque each; answered ones are
     // followed by the next ping.
@@ -140,11 +138,9 @@ async fn keepalive_pings_and_a_silent_peer_ends_the_session() {
 
 #[tokio::test]
 async fn peer_that_never_answers_any_ping_times_out() {
-    let cfg = Config {
-        keepalive: Some(Duration::from_millis(20)),
-        keepalive_timeout: Duration::from_millis(100),
-        ..quiet(256 * KIB)
-    };
+    let cfg = quiet(256 * KIB)
+        .with_keepalive(Some(Duration::from_millis(20)))
+        .with_keepalive_timeout(Duration::from_millis(100));
     let (mut peer, mut side) = raw_pair(cfg, Mode::Server).await;
     let mut s = open_from_peer(&mut peer, &mut side, 1).await;
     let reader = tokio::spawn(async move { s.read(&mut [0u8; 8]).await });
@@ -390,10 +386,7 @@ async fn truncated_header_then_eof_ends_the_session() {
 async fn data_for_streams_we_no_longer_have_is_skipped() {
     // Stream 3 is refused (backlog of 1), so we have no state for it; its
     // frames may still be in flight and must be skipped, bodies included.
-    let cfg = Config {
-        accept_backlog: 1,
-        ..quiet(256 * KIB)
-    };
+    let cfg = quiet(256 * KIB).with_accept_backlog(1);
     let (mut peer, mut side) = raw_pair(cfg, Mode::Server).await;
     peer.send(W, SYN, 1, 0).await;
     peer.send(W, SYN, 3, 0).await;
@@ -694,10 +687,7 @@ async fn reading_credits_the_window_back() {
 
 #[tokio::test]
 async fn full_backlog_resets_the_new_stream() {
-    let cfg = Config {
-        accept_backlog: 1,
-        ..quiet(256 * KIB)
-    };
+    let cfg = quiet(256 * KIB).with_accept_backlog(1);
     let (mut peer, mut side) = raw_pair(cfg, Mode::Server).await;
     peer.send(W, SYN, 1, 0).await;
     peer.send(W, SYN, 3, 0).await;
@@ -747,10 +737,7 @@ async fn dropped_incoming_resets_new_streams() {
 
 #[tokio::test]
 async fn max_streams_refuses_peer_streams_and_our_opens() {
-    let cfg = Config {
-        max_streams: 2,
-        ..quiet(256 * KIB)
-    };
+    let cfg = quiet(256 * KIB).with_max_streams(2);
     let (mut peer, mut side) = raw_pair(cfg, Mode::Server).await;
     let mine = side.control.open_stream().unwrap();
     assert_eq!(mine.id(), 2);
@@ -954,17 +941,20 @@ async fn peer_goaway_refuses_our_opens_but_keeps_streams() {
 }
 
 #[tokio::test]
-async fn peer_goaway_with_error_code_then_eof() {
+async fn peer_goaway_with_error_code_ends_the_session() {
+    // As hashicorp/yamux: GoAway with an error code is fatal.
     let (mut peer, mut side) = server().await;
     peer.send(FrameType::GoAway, 0, 0, 2).await;
-    peer.sync().await;
+    assert!(peer.until_eof().await.is_empty());
+    within("closed()", side.control.closed()).await;
+    assert!(matches!(
+        side.result().await,
+        Err(SessionError::GoAwayError(2))
+    ));
     assert_eq!(
         side.control.open_stream().unwrap_err(),
-        OpenError::RemoteGoAway
+        OpenError::SessionClosed
     );
-    peer.io.shutdown().await.unwrap();
-    within("closed()", side.control.closed()).await;
-    assert!(side.result().await.is_ok());
 }
 
 #[tokio::test]

@@ -379,11 +379,9 @@ async fn tokio_yamux_close_is_goaway_for_us() {
 async fn keepalive_both_ways_with_tokio_yamux() {
     // Both sides ping every 20 ms; ours gives 300 ms for a pong. 1 s of
     // quiet must not end either session, and a stream still works after.
-    let ours_cfg = backchannel_yamux::Config {
-        keepalive: Some(Duration::from_millis(20)),
-        keepalive_timeout: Duration::from_millis(300),
-        ..quiet(256 * KIB)
-    };
+    let ours_cfg = quiet(256 * KIB)
+        .with_keepalive(Some(Duration::from_millis(20)))
+        .with_keepalive_timeout(Duration::from_millis(300));
     let theirs_cfg = tokio_yamux::Config {
         enable_keepalive: true,
         keepalive_interval: Duration::from_millis(20),

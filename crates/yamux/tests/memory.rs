@@ -12,7 +12,7 @@ use std::{
 
 use backchannel_yamux::{
     frame::{FrameType, Header, SYN},
-    Config, Mode, SessionError,
+    Mode, SessionError,
 };
 use common::*;
 use tokio::{
@@ -93,10 +93,7 @@ async fn small_buffer_pair(size: u32) -> (TcpStream, TcpStream) {
 async fn ping_flood_from_a_peer_that_never_reads_is_bounded() {
     let _one = ONE_AT_A_TIME.lock().await;
     let write_timeout = Duration::from_millis(1500);
-    let cfg = Config {
-        write_timeout,
-        ..quiet(256 * 1024)
-    };
+    let cfg = quiet(256 * 1024).with_write_timeout(write_timeout);
     // Fixed, small socket buffers (no autotuning): what the kernel can hold
     // is small and known, so the bytes the flooder gets out are a measure
     // of what the session read.

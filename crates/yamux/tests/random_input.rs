@@ -36,6 +36,9 @@ fn random_frames(rng: &mut Rng) -> (Vec<u8>, usize) {
         let flags = [0, SYN, ACK, FIN, RST, SYN | FIN, ACK | RST][rng.range(0, 6)];
         let id = rng.range(0, 9) as u32;
         let length = match rng.range(0, 20) {
+            // GoAway codes: mostly the three defined ones (0 ends cleanly,
+            // 1 and 2 are fatal), sometimes anything.
+            _ if ty == FrameType::GoAway && rng.range(0, 3) != 0 => rng.range(0, 2) as u32,
             0 => u32::MAX - rng.range(0, 3) as u32,
             1 => rng.range(200_000, 600_000) as u32,
             _ => rng.range(0, 2_000) as u32,

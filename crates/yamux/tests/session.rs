@@ -340,10 +340,7 @@ async fn stream_ids_client_odd_server_even() {
 
 #[tokio::test]
 async fn max_streams_enforced_on_open_and_freed_after_close() {
-    let cfg = backchannel_yamux::Config {
-        max_streams: 2,
-        ..quiet(256 * KIB)
-    };
+    let cfg = quiet(256 * KIB).with_max_streams(2);
     let (client, mut server) = our_pair(cfg, quiet(256 * KIB)).await;
     let s1 = client.control.open_stream().unwrap();
     let mut s3 = client.control.open_stream().unwrap();
@@ -374,10 +371,7 @@ async fn max_streams_enforced_on_open_and_freed_after_close() {
 
 #[tokio::test]
 async fn accept_backlog_full_resets_the_extra_stream() {
-    let server_cfg = backchannel_yamux::Config {
-        accept_backlog: 1,
-        ..quiet(256 * KIB)
-    };
+    let server_cfg = quiet(256 * KIB).with_accept_backlog(1);
     let (client, mut server) = our_pair(quiet(256 * KIB), server_cfg).await;
     let mut s1 = client.control.open_stream().unwrap();
     let mut s3 = client.control.open_stream().unwrap();
@@ -552,11 +546,9 @@ async fn dropping_the_connection_fails_pending_reads_and_writes() {
 async fn keepalive_pings_between_our_sessions_keep_it_alive() {
     // Pings every 10 ms, 300 ms to answer: over 1 s an unanswered ping
     // would end the session (with room for a loaded machine).
-    let cfg = backchannel_yamux::Config {
-        keepalive: Some(Duration::from_millis(10)),
-        keepalive_timeout: Duration::from_millis(300),
-        ..quiet(256 * KIB)
-    };
+    let cfg = quiet(256 * KIB)
+        .with_keepalive(Some(Duration::from_millis(10)))
+        .with_keepalive_timeout(Duration::from_millis(300));
     let (client, server) = our_pair(cfg.clone(), cfg).await;
     let ended = tokio::time::timeout(Duration::from_millis(1000), async {
         tokio::select! {

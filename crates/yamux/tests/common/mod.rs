@@ -52,11 +52,9 @@ pub async fn tcp_pair() -> (TcpStream, TcpStream) {
 
 /// Settings for tests: no keepalive (so no pings show up unasked).
 pub fn quiet(window: u32) -> Config {
-    Config {
-        max_stream_window: window,
-        keepalive: None,
-        ..Config::default()
-    }
+    Config::default()
+        .with_max_stream_window(window)
+        .with_keepalive(None)
 }
 
 /// One side of a session under test.
