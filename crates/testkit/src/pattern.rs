@@ -1,5 +1,6 @@
-//! The byte pattern every benchmark and bulk test checks, and the benchmark
-//! service that sends and verifies it.
+//! The byte patterns bulk transfers check: one shared stream (period 251,
+//! zero-copy slices) and a pseudo-random one per seed; and the benchmark
+//! service that sends and verifies the first.
 
 use std::pin::Pin;
 
@@ -7,6 +8,50 @@ use futures::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::pb::bench::{self, bench_server::Bench};
+
+/// Length of the repeating per-stream pattern (prime, so chunk sizes never
+/// align with it).
+const STREAM_PERIOD: usize = 65_521;
+/// Longest slice [`stream_slice`] hands out.
+pub const STREAM_MAX_SLICE: usize = 1024 * 1024;
+
+fn stream_table() -> &'static [u8] {
+    static TABLE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        let mut rng = crate::Rng::new(0x9e37_79b9_7f4a_7c15);
+        let base: Vec<u8> = (0..STREAM_PERIOD).map(|_| rng.next_u64() as u8).collect();
+        (0..STREAM_PERIOD + STREAM_MAX_SLICE)
+            .map(|i| base[i % STREAM_PERIOD])
+            .collect()
+    })
+}
+
+/// The `len` bytes (at most [`STREAM_MAX_SLICE`]) at `offset` of stream
+/// `seed`'s data: pseudo-random bytes that differ per seed, so bytes
+/// delivered to the wrong stream or at the wrong offset are caught.
+pub fn stream_slice(seed: u64, offset: u64, len: usize) -> &'static [u8] {
+    assert!(
+        len <= STREAM_MAX_SLICE,
+        "stream_slice: at most 1 MiB at a time"
+    );
+    let start = ((offset + seed * 7_919) % STREAM_PERIOD as u64) as usize;
+    &stream_table()[start..start + len]
+}
+
+/// Checks that `got` is stream `seed`'s data at `offset`; panics naming the
+/// first wrong byte.
+pub fn check_stream(seed: u64, offset: u64, got: &[u8]) {
+    for (i, chunk) in got.chunks(STREAM_MAX_SLICE).enumerate() {
+        let off = offset + (i * STREAM_MAX_SLICE) as u64;
+        let want = stream_slice(seed, off, chunk.len());
+        if let Some(bad) = chunk.iter().zip(want).position(|(a, b)| a != b) {
+            panic!(
+                "stream data {seed}: wrong byte at offset {}",
+                off + bad as u64
+            );
+        }
+    }
+}
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 

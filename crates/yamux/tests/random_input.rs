@@ -24,7 +24,7 @@ fn random_frames(rng: &mut Rng) -> (Vec<u8>, usize) {
     for _ in 0..rng.range(1, 40) {
         if rng.range(0, 30) == 0 {
             let n = rng.range(1, 24);
-            out.extend((0..n).map(|_| rng.next() as u8));
+            out.extend((0..n).map(|_| rng.next_u64() as u8));
             continue;
         }
         let ty = match rng.range(0, 9) {

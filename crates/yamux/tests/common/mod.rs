@@ -7,7 +7,6 @@
 use std::{
     future::Future,
     io::{self, IoSlice},
-    sync::OnceLock,
     time::Duration,
 };
 
@@ -17,7 +16,7 @@ use backchannel_yamux::{
 };
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
     task::JoinHandle,
 };
 
@@ -40,14 +39,9 @@ pub async fn within_for<F: Future>(limit: Duration, what: &str, f: F) -> F::Outp
 
 /// A connected loopback TCP pair: (dialer, accepted).
 pub async fn tcp_pair() -> (TcpStream, TcpStream) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (dialed, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
-    let dialed = dialed.unwrap();
-    let (accepted, _) = accepted.unwrap();
-    dialed.set_nodelay(true).unwrap();
-    accepted.set_nodelay(true).unwrap();
-    (dialed, accepted)
+    backchannel_testkit::tcp_pair()
+        .await
+        .expect("loopback TCP pair")
 }
 
 /// Settings for tests: no keepalive (so no pings show up unasked).
@@ -95,63 +89,12 @@ pub async fn our_pair(client: Config, server: Config) -> (Side, Side) {
     )
 }
 
-// ---------------------------------------------------------------------------
 // Test data: a pseudo-random byte sequence per seed, checkable by slices.
+pub use backchannel_testkit::pattern::{
+    check_stream as check_pattern, stream_slice as pattern_slice,
+};
 
-/// Length of the repeating pattern (prime, so chunk sizes never align).
-const PERIOD: usize = 65_521;
-/// Longest slice `pattern_slice` hands out.
-pub const MAX_SLICE: usize = 1024 * 1024;
-
-fn table() -> &'static [u8] {
-    static TABLE: OnceLock<Vec<u8>> = OnceLock::new();
-    TABLE.get_or_init(|| {
-        let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15);
-        let base: Vec<u8> = (0..PERIOD).map(|_| rng.next() as u8).collect();
-        (0..PERIOD + MAX_SLICE).map(|i| base[i % PERIOD]).collect()
-    })
-}
-
-/// The `len` bytes (at most [`MAX_SLICE`]) at `offset` of stream `seed`'s data.
-pub fn pattern_slice(seed: u64, offset: u64, len: usize) -> &'static [u8] {
-    assert!(len <= MAX_SLICE);
-    let start = ((offset + seed * 7_919) % PERIOD as u64) as usize;
-    &table()[start..start + len]
-}
-
-/// Checks that `got` is stream `seed`'s data at `offset`.
-pub fn check_pattern(seed: u64, offset: u64, got: &[u8]) {
-    for (i, chunk) in got.chunks(MAX_SLICE).enumerate() {
-        let off = offset + (i * MAX_SLICE) as u64;
-        if chunk != pattern_slice(seed, off, chunk.len()) {
-            let want = pattern_slice(seed, off, chunk.len());
-            let bad = chunk.iter().zip(want).position(|(a, b)| a != b).unwrap();
-            panic!(
-                "stream data {seed}: wrong byte at offset {}",
-                off + bad as u64
-            );
-        }
-    }
-}
-
-/// xorshift64*: deterministic, dependency-free randomness.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed | 1)
-    }
-    pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    /// Uniform-ish in `lo..=hi`.
-    pub fn range(&mut self, lo: usize, hi: usize) -> usize {
-        lo + (self.next() % (hi - lo + 1) as u64) as usize
-    }
-}
+pub use backchannel_testkit::Rng;
 
 /// Writes `total` bytes of stream `seed`'s data in random chunk sizes
 /// (1 B .. 300 KiB), a third of them as vectored writes of up to three
@@ -167,7 +110,7 @@ pub async fn write_pattern<W: AsyncWrite + Unpin>(
     while off < total {
         let want = rng.range(1, 300 * 1024).min((total - off) as usize);
         let data = pattern_slice(seed, off, want);
-        if rng.next().is_multiple_of(3) && want >= 3 {
+        if rng.next_u64().is_multiple_of(3) && want >= 3 {
             let a = rng.range(1, want - 2);
             let b = rng.range(a + 1, want - 1);
             let n = w
