@@ -252,7 +252,9 @@ impl ClientBuilder {
     /// session ends it dials again (new TCP connection, TLS, magic, yamux
     /// session) with exponential backoff and jitter, and serves `routes` on
     /// every new session. Returns at once; the first session is dialled in the
-    /// background. See [`ReconnectingClient`].
+    /// background, on the tokio runtime this is called from (like tonic's
+    /// `connect_lazy`, it must be called within one). See
+    /// [`ReconnectingClient`].
     ///
     /// ```no_run
     /// # async fn run(routes: tonic::service::Routes) -> Result<(), backchannel::Error> {

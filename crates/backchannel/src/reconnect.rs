@@ -187,6 +187,8 @@ pub enum DisconnectReason {
     /// The session failed: transport error, keepalive or write timeout, the
     /// peer closing the connection, a protocol error.
     Failed(Arc<backchannel_yamux::SessionError>),
+    /// [`ReconnectingClient::close`] was called: no more dialling.
+    Closed,
 }
 
 impl std::fmt::Display for DisconnectReason {
@@ -194,6 +196,7 @@ impl std::fmt::Display for DisconnectReason {
         match self {
             DisconnectReason::GoAway => f.write_str("session closed with GoAway"),
             DisconnectReason::Failed(e) => std::fmt::Display::fmt(e, f),
+            DisconnectReason::Closed => f.write_str("client closed"),
         }
     }
 }
@@ -351,16 +354,24 @@ impl ReconnectingClient {
         session
     }
 
-    /// Stops dialling and closes the session of the moment. Idempotent.
+    /// Stops dialling and closes the session of the moment, reporting
+    /// [`DisconnectReason::Closed`] if one was up. Idempotent.
     pub fn close(&self) {
         self.shared.closed.store(true, Ordering::Release);
         self._supervisor.0.abort();
-        let session = self.shared.current().session.take();
-        if let Some(session) = session {
+        let mut current = self.shared.current();
+        if let Some(session) = current.session.take() {
             session.close();
         }
-        self.shared.current().first = None;
-        self.shared.state.send_replace(None);
+        current.first = None;
+        let was = self.shared.state.send_replace(None);
+        drop(current);
+        if let Some(session) = was {
+            let _ = self.shared.events.send(ConnectionEvent::Disconnected {
+                session,
+                reason: DisconnectReason::Closed,
+            });
+        }
     }
 }
 
@@ -417,10 +428,14 @@ async fn dial_loop(builder: ClientBuilder, target: Target, routes: Routes, share
         let guard = CloseOnDrop(session.clone());
         {
             let mut current = shared.current();
+            if shared.closed.load(Ordering::Acquire) {
+                // `close` ran meanwhile; `guard` ends the session.
+                return;
+            }
             current.session = Some(session);
             current.first = Some(first);
+            shared.state.send_replace(Some(sessions));
         }
-        shared.state.send_replace(Some(sessions));
         info!(session = sessions, remote = ?remote, "connected");
         let _ = shared.events.send(ConnectionEvent::Connected {
             session: sessions,

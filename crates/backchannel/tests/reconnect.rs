@@ -130,6 +130,20 @@ async fn the_same_channel_works_again_after_the_server_comes_back() {
     assert_eq!(server.registry.len(), 1, "one session at a time");
 
     client.close();
+    let e = next_event(&mut events, |e| {
+        matches!(e, ConnectionEvent::Disconnected { .. })
+    })
+    .await;
+    assert!(
+        matches!(
+            e,
+            ConnectionEvent::Disconnected {
+                session: 2,
+                reason: backchannel::DisconnectReason::Closed
+            }
+        ),
+        "{e:?}"
+    );
     server.first_peer().await;
     let peer = server.registry.list()[0].id;
     tokio::time::timeout(WAIT, server.registry.wait_gone(peer))

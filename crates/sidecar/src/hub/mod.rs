@@ -198,6 +198,8 @@ impl Hub {
             // call cannot stall the others sharing the connection.
             .initial_stream_window_size(Some(backchannel::H2_STREAM_WINDOW))
             .initial_connection_window_size(Some(backchannel::H2_CONNECTION_WINDOW))
+            // First: tonic's remote_addr()/peer_certs() for every layer below.
+            .layer(listenmux::ConnectInfoLayer::new())
             .layer(routing::RouterLayer::new(state.clone()))
             .add_service(health_svc)
             .add_service(reflection)
