@@ -35,6 +35,8 @@ mod channel;
 mod client;
 mod config;
 mod error;
+mod preface;
+mod refuse;
 mod registry;
 mod server;
 mod session;

@@ -11,7 +11,7 @@ use std::{
 use backchannel_yamux::Mode;
 use hyper_util::rt::TokioIo;
 use listenmux::{
-    BoxFuture, BoxIo, ConnInfo, Connection, HandshakeError, Handshaked, Handshaker, Magic,
+    BoxFuture, BoxIo, ConnInfo, Connection, HandshakeError, Handshaked, Handshaker, Magic, Rewind,
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tonic::transport::Endpoint;
@@ -58,8 +58,9 @@ impl ServerHandshaker {
         }
     }
 
-    /// Refuses new peers (closing their connection) while `max` are
-    /// connected. Unlimited by default.
+    /// Refuses new peers while `max` are connected. Unlimited by default.
+    /// A refused client's first call (its announce, say) is answered with
+    /// `RESOURCE_EXHAUSTED` naming the limit, then its session is closed.
     ///
     /// ```
     /// let h = backchannel::ServerHandshaker::new(backchannel::Registry::new(), backchannel::SessionConfig::server())
@@ -84,38 +85,64 @@ impl Handshaker for ServerHandshaker {
     ) -> BoxFuture<Result<Handshaked, HandshakeError>> {
         let registry = self.registry.clone();
         let config = self.config.clone();
-        if registry.len() >= self.max_peers {
-            let max = self.max_peers;
-            return Box::pin(async move {
-                Err(HandshakeError::Protocol(Box::new(Error::PeerLimit(max))))
-            });
-        }
-        Box::pin(async move { accept_peer(io, info, registry, config).await })
+        let max_peers = self.max_peers;
+        Box::pin(async move { accept_peer(io, info, registry, config, max_peers).await })
     }
 }
+
+/// How long a refused client has to send its first call and read the
+/// refusal: clients send it right after connecting.
+const REFUSAL_WINDOW: std::time::Duration = std::time::Duration::from_secs(2);
 
 async fn accept_peer(
     io: BoxIo,
     mut info: ConnInfo,
     registry: Registry,
     config: SessionConfig,
+    max_peers: usize,
 ) -> Result<Handshaked, HandshakeError> {
     let id = registry.next_id();
     let span = info_span!("backchannel_peer", peer_id = id, remote = ?info.remote_addr);
     let (session, mut inbound) = session::spawn(io, &config, Mode::Server, span.clone());
     let guard = CloseOnDrop(session.clone());
-    let first = match tokio::time::timeout(config.handshake_timeout, inbound.accept()).await {
-        Ok(Some(stream)) => stream,
-        Ok(None) => {
-            return Err(HandshakeError::Io(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "session ended before the client opened its stream",
-            )))
+    // Stream 1, then the HTTP/2 preface and SETTINGS on it, all within the
+    // handshake timeout: until then the session is not a peer (not in the
+    // registry, not counted against the peer limit).
+    let start = async {
+        let mut first = match inbound.accept().await {
+            Some(stream) => stream,
+            None => {
+                return Err(HandshakeError::Io(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "session ended before the client opened its stream",
+                )))
+            }
+        };
+        match crate::preface::read_h2_start(&mut first).await {
+            Ok(prefix) => Ok((first, prefix)),
+            Err(crate::preface::PrefaceError::Io(e)) => Err(HandshakeError::Io(e)),
+            Err(e) => Err(HandshakeError::Protocol(Box::new(e))),
         }
+    };
+    let (first, prefix) = match tokio::time::timeout(config.handshake_timeout, start).await {
+        Ok(r) => r?,
         Err(_) => return Err(HandshakeError::Timeout(config.handshake_timeout)),
     };
     // Exactly one client-opened stream, as in Gitaly: later ones are reset.
     drop(inbound);
+    if registry.len() >= max_peers {
+        // Tell the client why (its first call gets RESOURCE_EXHAUSTED), then
+        // close the session.
+        let err = Error::PeerLimit(max_peers);
+        let status = tonic::Status::resource_exhausted(format!("the hub refused the session: {err}"));
+        let window = config.handshake_timeout.min(REFUSAL_WINDOW);
+        crate::refuse::serve_refusal(first, prefix, status, window)
+            .instrument(span)
+            .await;
+        return Err(HandshakeError::Protocol(Box::new(err)));
+    }
+    let stream_id = first.id();
+    let first = Rewind::new(prefix, first);
 
     let peer = PeerInfo {
         id,
@@ -140,7 +167,7 @@ async fn accept_peer(
         }
         .instrument(span.clone()),
     );
-    span.in_scope(|| info!(stream = first.id(), "peer connected"));
+    span.in_scope(|| info!(stream = stream_id, "peer connected"));
     info.peer_id = Some(id);
     Ok(Handshaked::Connection(Connection::new(
         Box::new(PeerConn {
@@ -152,7 +179,7 @@ async fn accept_peer(
 }
 
 /// A tonic channel to the client: each (re)connect opens a new yamux stream.
-fn reverse_channel(
+pub(crate) fn reverse_channel(
     session: SessionHandle,
     remote: Option<std::net::SocketAddr>,
 ) -> tonic::transport::Channel {
@@ -178,7 +205,7 @@ fn reverse_channel(
 /// Stream 1 as the gRPC server's connection; when the server drops it, the
 /// whole session (and the peer) goes.
 struct PeerConn {
-    stream: YamuxStream,
+    stream: Rewind<YamuxStream>,
     _guard: CloseOnDrop,
 }
 

@@ -9,8 +9,11 @@
 //!
 //! The accept loop never waits on a client: sniffing is bounded by
 //! [`MuxConfig::sniff_timeout`] and the number of connections being sniffed (and
-//! handshaked) at once by [`MuxConfig::max_pending`]; connections beyond that
-//! bound are closed at once and counted.
+//! handshaked) at once by [`MuxConfig::max_pending`]. Those slots are shared
+//! fairly between sources ([`SourceLimits`]): each source may hold only its
+//! share, and when all are taken a newcomer from a smaller source evicts the
+//! oldest pending connection of the biggest one. Refusals and evictions are
+//! closed at once and counted.
 //!
 //! The stream of connections it yields plugs straight into
 //! [`tonic::transport::Server::serve_with_incoming`]; handlers find the
@@ -33,6 +36,7 @@
 
 mod conn;
 mod listener;
+mod pending;
 mod stats;
 
 use std::{
@@ -48,12 +52,13 @@ use bytes::Bytes;
 use futures::Stream;
 use tokio::{
     io::AsyncReadExt,
-    sync::{mpsc, OwnedSemaphorePermit, Semaphore},
+    sync::mpsc,
 };
 use tracing::{debug, info_span, warn, Instrument};
 
 pub use conn::{BoxIo, ConnInfo, Connection, Io, Rewind, Transport};
 pub use listener::Listener;
+pub use pending::SourceLimits;
 pub use stats::{Stats, StatsSnapshot};
 
 /// Length of a handshake magic, in bytes (Gitaly's `backchannel` is 11).
@@ -148,6 +153,7 @@ struct Inner {
     handshakers: Vec<Arc<dyn Handshaker>>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     stats: Arc<Stats>,
+    limits: SourceLimits,
 }
 
 /// Routes accepted connections by their first bytes. See the crate docs.
@@ -170,6 +176,7 @@ impl ListenMux {
                 handshakers: Vec::new(),
                 tls: None,
                 stats: Arc::new(Stats::default()),
+                limits: SourceLimits::default(),
             }),
         }
     }
@@ -208,6 +215,21 @@ impl ListenMux {
     /// ```
     pub fn with_tls(mut self, acceptor: tokio_rustls::TlsAcceptor) -> Self {
         self.inner_mut().tls = Some(acceptor);
+        self
+    }
+
+    /// Shares the [`MuxConfig::max_pending`] slots fairly between sources:
+    /// a per-source limit, and eviction of the biggest source's oldest
+    /// pending connection when all slots are taken (see [`SourceLimits`]).
+    /// On by default with [`SourceLimits::default`].
+    ///
+    /// ```
+    /// let mux = listenmux::ListenMux::new(Default::default())
+    ///     .with_source_limits(listenmux::SourceLimits::default().with_max_per_source(32));
+    /// # drop(mux);
+    /// ```
+    pub fn with_source_limits(mut self, limits: SourceLimits) -> Self {
+        self.inner_mut().limits = limits;
         self
     }
 
@@ -268,7 +290,7 @@ async fn accept_loop<L: Listener>(
     inner: Arc<Inner>,
     tx: mpsc::Sender<Connection>,
 ) {
-    let pending = Arc::new(Semaphore::new(inner.config.max_pending));
+    let pending = pending::Pending::new(inner.config.max_pending, inner.limits);
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
@@ -279,17 +301,28 @@ async fn accept_loop<L: Listener>(
             Ok((io, info)) => {
                 backoff = Duration::from_millis(5);
                 inner.stats.inc(&inner.stats.accepted);
-                let Ok(permit) = pending.clone().try_acquire_owned() else {
-                    inner.stats.inc(&inner.stats.rejected_overload);
-                    warn!(remote = ?info.remote_addr, max_pending = inner.config.max_pending,
-                        "too many connections being sniffed; closing the new one");
-                    continue;
+                let admitted = match pending.admit(pending::SourceKey::of(info.remote_addr)) {
+                    Ok(a) => a,
+                    Err(pending::Refused::SourceLimit) => {
+                        inner.stats.inc(&inner.stats.rejected_source_limit);
+                        debug!(remote = ?info.remote_addr, max_per_source = inner.limits.max_per_source,
+                            "too many pending connections from this source; closing the new one");
+                        continue;
+                    }
+                    Err(pending::Refused::Overload) => {
+                        inner.stats.inc(&inner.stats.rejected_overload);
+                        warn!(remote = ?info.remote_addr, max_pending = inner.config.max_pending,
+                            "too many connections being sniffed; closing the new one");
+                        continue;
+                    }
                 };
+                if admitted.made_room {
+                    inner.stats.inc(&inner.stats.evicted);
+                }
                 let span = info_span!("listenmux_conn", remote = ?info.remote_addr);
-                tokio::spawn(
-                    sniff_and_route(Box::new(io), info, inner.clone(), tx.clone(), permit)
-                        .instrument(span),
-                );
+                let work = sniff_and_route(Box::new(io), info, inner.clone(), tx.clone(), admitted.guard);
+                let on_evict = || debug!("pending connection evicted for a newcomer from another source");
+                tokio::spawn(pending::evictable(admitted.evicted, on_evict, work).instrument(span));
             }
             Err(err) => {
                 // Out of file descriptors and similar resource errors: back off
@@ -322,7 +355,7 @@ async fn sniff_and_route(
     info: ConnInfo,
     inner: Arc<Inner>,
     tx: mpsc::Sender<Connection>,
-    permit: OwnedSemaphorePermit,
+    permit: pending::PendingGuard,
 ) {
     let stats = &inner.stats;
     let timeout = inner.config.sniff_timeout;
