@@ -41,7 +41,14 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Demo => backchannel_cli::demo::run().await,
         Command::Hub(args) => backchannel_cli::hub::run(args.into_config()).await,
-        Command::Agent(args) => backchannel_cli::agent::run(args.into_config()?).await,
+        Command::Agent(args) => match args.into_config() {
+            Ok(cfg) => backchannel_cli::agent::run(cfg).await,
+            // A bad flag value: like clap's own usage errors, exit 2.
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                std::process::exit(2);
+            }
+        },
         Command::Bench(args) => backchannel_cli::bench::run(args).await,
     }
 }

@@ -10,7 +10,7 @@ use crate::{
     hub::state::HubState,
     pb::hub::{
         peer_event::Kind, peers_server::Peers, registration_server::Registration, AnnounceRequest,
-        AnnounceResponse, ListPeersRequest, ListPeersResponse, PeerEvent, WatchPeersRequest,
+        AnnounceResponse, LeaveRequest, LeaveResponse, ListPeersRequest, ListPeersResponse, PeerEvent, WatchPeersRequest,
     },
 };
 
@@ -78,6 +78,17 @@ impl Registration for HubApi {
         Ok(Response::new(AnnounceResponse {
             peer_id: id,
             replaced_peer_id: replaced.unwrap_or(0),
+        }))
+    }
+
+    async fn leave(
+        &self,
+        request: Request<LeaveRequest>,
+    ) -> Result<Response<LeaveResponse>, Status> {
+        let id = backchannel::peer_id(&request)?;
+        let in_flight = self.state.leave(id)?;
+        Ok(Response::new(LeaveResponse {
+            calls_in_flight: in_flight,
         }))
     }
 }

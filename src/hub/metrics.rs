@@ -33,6 +33,10 @@ pub struct Metrics {
     pub bytes_to_peers: AtomicU64,
     /// Response bytes routed back from peers.
     pub bytes_from_peers: AtomicU64,
+    /// Sessions closed because they did not announce within `--announce-timeout`.
+    pub announce_timeouts: AtomicU64,
+    /// Heap trims after peers left.
+    pub heap_trims: AtomicU64,
     calls: Mutex<BTreeMap<&'static str, u64>>,
 }
 
@@ -165,7 +169,30 @@ pub fn render(state: &HubState, mux: &[Arc<Stats>]) -> String {
             ("reason=\"sniff_timeout\"", s.sniff_timeouts),
             ("reason=\"sniff_error\"", s.sniff_errors),
             ("reason=\"overload\"", s.rejected_overload),
+            ("reason=\"source_limit\"", s.rejected_source_limit),
+            ("reason=\"evicted\"", s.evicted),
         ],
+    );
+    metric(
+        "backchannel_hub_pending_evicted_total",
+        "counter",
+        "Pending connections closed to make room for a newcomer from a source holding fewer.",
+        &[("", s.evicted)],
+    );
+    metric(
+        "backchannel_hub_pending_refused_total",
+        "counter",
+        "New connections closed at once: their source had its share of pending slots (source_limit), or all slots were taken and their source held the most (overload).",
+        &[
+            ("reason=\"source_limit\"", s.rejected_source_limit),
+            ("reason=\"overload\"", s.rejected_overload),
+        ],
+    );
+    metric(
+        "backchannel_hub_announce_timeouts_total",
+        "counter",
+        "Sessions closed because they did not announce a name within --announce-timeout.",
+        &[("", r(&m.announce_timeouts))],
     );
     out
 }

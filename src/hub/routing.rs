@@ -11,7 +11,7 @@ use tonic::{body::Body, Status};
 use tower::{Layer, Service, ServiceExt};
 
 use crate::{
-    hub::state::HubState,
+    hub::{isolation::CallerInfo, state::HubState},
     router::{deadline_of, forward, status_response, BoxFuture, PEER_HEADER},
 };
 
@@ -61,7 +61,12 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
+        // The services behind the router see the connection's plain ConnInfo.
+        let caller = req.extensions_mut().remove::<CallerInfo>();
+        if let Some(c) = &caller {
+            req.extensions_mut().insert(c.info.clone());
+        }
         let Some(target) = req.headers().get(PEER_HEADER) else {
             let inner = self.inner.clone();
             return Box::pin(inner.oneshot(req));
@@ -84,10 +89,14 @@ where
                 "the hub is shutting down; not routing to '{target}'"
             )));
         }
-        let route = match state.resolve(target) {
+        let mut route = match state.resolve(target) {
             Ok(r) => r,
             Err(status) => return reject(status),
         };
+        // This caller's own connection to the peer, when it may have one.
+        if let Some(own) = caller.and_then(|c| c.scope.channel(state.registry(), route.peer)) {
+            route.channel = own;
+        }
         Box::pin(async move {
             Ok(forward(
                 route.channel,
