@@ -20,8 +20,11 @@ pub struct Drained {
     pub cut: usize,
 }
 
-/// Drains `client`'s session: `Registration.Leave`, then waits for the
-/// forwarded calls to finish, at most `grace`, then closes the session.
+/// Drains `client`'s session: `Registration.Leave`; the hub then routes no
+/// new calls here and closes the session once it has received the end of
+/// every call in flight. Waits for that (or, against a hub without `Leave`,
+/// for the forwarded calls to finish), at most `grace`, then closes the
+/// session.
 pub async fn drain(client: &Client, forwarder: &PerConnection, grace: Duration) -> Drained {
     let deadline = tokio::time::Instant::now() + grace;
     let mut rc = RegistrationClient::new(client.channel());
@@ -41,8 +44,15 @@ pub async fn drain(client: &Client, forwarder: &PerConnection, grace: Duration) 
         }
         Err(_) => false,
     };
-    let cut = match tokio::time::timeout_at(deadline, forwarder.wait_idle()).await {
-        Ok(()) => 0,
+    let done = async {
+        if hub_told {
+            client.closed().await;
+        } else {
+            forwarder.wait_idle().await;
+        }
+    };
+    let cut = match tokio::time::timeout_at(deadline, done).await {
+        Ok(()) => forwarder.in_flight(),
         Err(_) => {
             let n = forwarder.in_flight();
             tracing::warn!(in_flight = n, ?grace, "grace period over; cutting the remaining calls");

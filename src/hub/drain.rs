@@ -35,26 +35,27 @@ pub fn retire(state: &HubState, id: PeerId, grace: Duration) {
     tokio::spawn(async move {
         if tokio::time::timeout(grace, idle(&c)).await.is_err() {
             tracing::warn!(peer = id, in_flight = c.in_flight.load(Ordering::SeqCst), ?grace,
-                "superseded session still had calls after the grace period; closing it");
+                "leaving session still had calls after the grace period; closing it");
         } else {
-            tracing::info!(peer = id, "superseded session drained; closing it");
+            tracing::info!(peer = id, "leaving session drained; closing it");
         }
         registry.close(id);
     });
 }
 
 impl HubState {
-    /// Peer `id` is leaving: no new calls are routed to it and it loses its
-    /// name (the session stays up for the calls in flight; the peer closes
-    /// it). Returns the calls in flight.
+    /// Peer `id` is leaving: no new calls are routed to it, it loses its
+    /// name, and its session is closed once the hub has received the end of
+    /// every call in flight (or after the hub's grace period). Returns the
+    /// calls in flight.
     pub fn leave(self: &Arc<Self>, id: PeerId) -> Result<i64, Status> {
         let c = self
             .counters_of(id)
             .ok_or_else(|| Status::unavailable(format!("peer {id} is gone")))?;
-        c.leaving.store(true, Ordering::SeqCst);
         self.unname(id);
         let n = c.in_flight.load(Ordering::SeqCst);
         tracing::info!(peer = id, in_flight = n, "peer is leaving");
+        retire(self, id, self.supersede_grace());
         Ok(n)
     }
 }

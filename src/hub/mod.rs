@@ -103,6 +103,7 @@ pub struct Hub {
     /// The bound metrics address, if any.
     pub metrics_addr: Option<SocketAddr>,
     state: Arc<HubState>,
+    stats: Arc<listenmux::Stats>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
@@ -305,6 +306,7 @@ impl Hub {
             addr,
             metrics_addr,
             state,
+            stats,
             shutdown,
             task,
         })
@@ -313,6 +315,11 @@ impl Hub {
     /// The hub's view of its peers.
     pub fn state(&self) -> &Arc<HubState> {
         &self.state
+    }
+
+    /// The listener's counters (connections accepted, refused, evicted...).
+    pub fn mux_stats(&self) -> listenmux::StatsSnapshot {
+        self.stats.snapshot()
     }
 
     /// The core registry (for reverse calls from the hub itself).

@@ -255,6 +255,11 @@ impl HubState {
         self.supersede_grace_ms.store(ms, Ordering::Relaxed);
     }
 
+    /// See [`set_supersede_grace`](Self::set_supersede_grace).
+    pub fn supersede_grace(&self) -> Duration {
+        Duration::from_millis(self.supersede_grace_ms.load(Ordering::Relaxed))
+    }
+
     /// The counters of peer `id`, if it is known.
     pub fn counters_of(&self, id: PeerId) -> Option<Arc<PeerCounters>> {
         self.tables().peers.get(&id).map(|e| e.counters.clone())
