@@ -71,7 +71,13 @@ impl Echo for Svc {
             async move {
                 (i < r.count).then(|| {
                     produced.fetch_add(msg.len() as u64, Ordering::Relaxed);
-                    (Ok(EchoResponse { message: msg, server: name }), i + 1)
+                    (
+                        Ok(EchoResponse {
+                            message: msg,
+                            server: name,
+                        }),
+                        i + 1,
+                    )
                 })
             }
         });
@@ -210,7 +216,10 @@ fn raise_nofile() {
 }
 
 /// A TCP connection to `to` from the loopback address `from`.
-async fn connect_from(from: [u8; 4], to: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+async fn connect_from(
+    from: [u8; 4],
+    to: std::net::SocketAddr,
+) -> std::io::Result<tokio::net::TcpStream> {
     let s = tokio::net::TcpSocket::new_v4()?;
     s.bind((std::net::Ipv4Addr::from(from), 0).into())?;
     s.connect(to).await
@@ -254,11 +263,12 @@ impl tower::Service<http::Request<tonic::body::Body>> for RawH2 {
 async fn raw_caller(hub: &Hub) -> EchoClient<RawH2> {
     let addr = hub.addr.unwrap();
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (send, conn) = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-        .max_concurrent_reset_streams(1024)
-        .handshake(hyper_util::rt::TokioIo::new(tcp))
-        .await
-        .unwrap();
+    let (send, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .max_concurrent_reset_streams(1024)
+            .handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
     tokio::spawn(conn);
     EchoClient::with_origin(RawH2(send), format!("http://{addr}").parse().unwrap())
 }
@@ -279,7 +289,8 @@ async fn never_read_calls_from_one_caller_leave_other_callers_served() {
     let mut stalled = Vec::new();
     for _ in 0..64 {
         let mut r = Request::new(echo(&big, 1_000_000));
-        r.metadata_mut().insert("backchannel-peer", "svc".parse().unwrap());
+        r.metadata_mut()
+            .insert("backchannel-peer", "svc".parse().unwrap());
         stalled.push(slow.server_stream(r).await.expect("stream starts"));
     }
     // Wait for the stall: the service has filled every window it can and
@@ -306,9 +317,16 @@ async fn never_read_calls_from_one_caller_leave_other_callers_served() {
         "slow readers: baseline p99 {baseline:?}; with 64 never-read streams ({} MiB buffered) p99 {during_new:?} (new caller), {during_old:?} (old caller)",
         produced >> 20
     );
-    assert_eq!(hub.state().calls_in_flight(), 64, "the stalled streams are still open");
+    assert_eq!(
+        hub.state().calls_in_flight(),
+        64,
+        "the stalled streams are still open"
+    );
     drop(stalled);
-    wait_until("the stalled calls to end", || hub.state().calls_in_flight() == 0).await;
+    wait_until("the stalled calls to end", || {
+        hub.state().calls_in_flight() == 0
+    })
+    .await;
     hub.shutdown().await;
 }
 
@@ -340,15 +358,32 @@ async fn sessions_that_never_speak_http2_never_become_peers() {
     let _a = agent(&hub, "real", &svc).await;
     assert_eq!(hub.registry().len(), 1);
     let mut c = caller(&hub).await;
-    assert_eq!(c.unary(to("real", echo("hi", 0))).await.unwrap().get_ref().server, "real");
+    assert_eq!(
+        c.unary(to("real", echo("hi", 0)))
+            .await
+            .unwrap()
+            .get_ref()
+            .server,
+        "real"
+    );
     // Every fake is closed once the handshake timeout passes.
     let started = Instant::now();
     for f in fakes {
-        tokio::time::timeout(T, f).await.expect("fake session closed").unwrap();
+        tokio::time::timeout(T, f)
+            .await
+            .expect("fake session closed")
+            .unwrap();
     }
-    println!("400 fake sessions closed {:?} after the agent was served", started.elapsed());
+    println!(
+        "400 fake sessions closed {:?} after the agent was served",
+        started.elapsed()
+    );
     assert_eq!(hub.registry().len(), 1);
-    assert!(hub.mux_stats().handshake_timeouts >= 400, "{:?}", hub.mux_stats());
+    assert!(
+        hub.mux_stats().handshake_timeouts >= 400,
+        "{:?}",
+        hub.mux_stats()
+    );
     hub.shutdown().await;
 }
 
@@ -375,7 +410,9 @@ async fn a_refused_peer_learns_the_peer_limit() {
         .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(err.message().contains("peer limit of 1"), "{err:?}");
-    tokio::time::timeout(T, refused.closed()).await.expect("refused session closed");
+    tokio::time::timeout(T, refused.closed())
+        .await
+        .expect("refused session closed");
     assert_eq!(hub.registry().len(), 1);
     hub.shutdown().await;
 }
@@ -391,14 +428,26 @@ async fn announce_timeout_closes_silent_sessions_and_an_open_hub_keeps_them() {
     let svc = service("named").await;
     let _named = agent(&strict, "named", &svc).await;
     let silent = ClientBuilder::new()
-        .connect_tcp(&strict.addr.unwrap().to_string(), common::client_routes("g"))
+        .connect_tcp(
+            &strict.addr.unwrap().to_string(),
+            common::client_routes("g"),
+        )
         .await
         .unwrap();
-    tokio::time::timeout(T, silent.closed()).await.expect("unannounced session closed");
-    assert!(strict.state().peer_named("named").is_some(), "the named agent stays");
+    tokio::time::timeout(T, silent.closed())
+        .await
+        .expect("unannounced session closed");
+    assert!(
+        strict.state().peer_named("named").is_some(),
+        "the named agent stays"
+    );
     assert_eq!(strict.registry().len(), 1);
     assert_eq!(
-        strict.state().metrics.announce_timeouts.load(Ordering::Relaxed),
+        strict
+            .state()
+            .metrics
+            .announce_timeouts
+            .load(Ordering::Relaxed),
         1
     );
     strict.shutdown().await;
@@ -439,7 +488,10 @@ async fn flood_then_serve_others(hub: &Hub, silent: usize, others: usize) -> (us
         }
     }
     let accepted = silent as u64;
-    wait_until("the hub to accept the flood", || hub.mux_stats().accepted >= accepted).await;
+    wait_until("the hub to accept the flood", || {
+        hub.mux_stats().accepted >= accepted
+    })
+    .await;
     // New connections from other sources: each opens HTTP/2 and makes a
     // health-less, routed call to the agent.
     let mut served = 0;
@@ -456,7 +508,8 @@ async fn flood_then_serve_others(hub: &Hub, silent: usize, others: usize) -> (us
             .await
             .ok()?;
             tokio::spawn(conn);
-            let mut c = EchoClient::with_origin(RawH2(send), format!("http://{addr}").parse().unwrap());
+            let mut c =
+                EchoClient::with_origin(RawH2(send), format!("http://{addr}").parse().unwrap());
             let r = c.unary(to("svc", echo("hello", 0))).await.ok()?;
             Some(r.get_ref().server == "svc")
         };
@@ -499,7 +552,10 @@ async fn when_all_slots_are_taken_the_biggest_source_is_evicted() {
     let s = hub.mux_stats();
     assert!(served >= 99, "{served}/100 served; {s:?}");
     assert!(s.evicted >= 1, "{s:?}");
-    assert!(s.rejected_overload + s.rejected_source_limit >= 200 - 64, "{s:?}");
+    assert!(
+        s.rejected_overload + s.rejected_source_limit >= 200 - 64,
+        "{s:?}"
+    );
     hub.shutdown().await;
 }
 
@@ -519,13 +575,20 @@ async fn a_draining_agent_finishes_its_calls_and_gets_no_new_ones() {
     let slow = tokio::spawn(async move { c2.unary(to("svc", echo("sleep:1500", 0))).await });
     wait_until("the call to reach the agent", || a.calls_in_flight() == 1).await;
     let drain = tokio::spawn(a.drain());
-    wait_until("the hub to drop the name", || hub.state().peer_named("svc").is_none()).await;
+    wait_until("the hub to drop the name", || {
+        hub.state().peer_named("svc").is_none()
+    })
+    .await;
     // New calls are not routed to the leaving agent...
     let err = c.unary(to("svc", echo("late", 0))).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
     // ...while the call in flight finishes.
     assert_eq!(slow.await.unwrap().unwrap().get_ref().message, "sleep:1500");
-    let d = tokio::time::timeout(T, drain).await.unwrap().unwrap().expect("drained a session");
+    let d = tokio::time::timeout(T, drain)
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("drained a session");
     assert!(d.hub_told);
     assert_eq!(d.cut, 0);
     wait_until("the session to end", || hub.registry().is_empty()).await;
@@ -542,16 +605,34 @@ async fn a_superseded_session_finishes_its_calls() {
     let mut c = caller(&hub).await;
     let mut c2 = c.clone();
     let slow = tokio::spawn(async move { c2.unary(to("svc", echo("sleep:1500", 0))).await });
-    wait_until("the call to reach the old agent", || old.calls_in_flight() == 1).await;
+    wait_until("the call to reach the old agent", || {
+        old.calls_in_flight() == 1
+    })
+    .await;
     // Same name, newer session: it takes over.
     let new = Agent::start(agent_cfg(&hub, "svc", &new_svc)).unwrap();
     new.wait_sessions(1, T).await.unwrap();
-    wait_until("the name to move", || hub.state().peer_named("svc") != Some(old_id)).await;
-    assert_eq!(c.unary(to("svc", echo("x", 0))).await.unwrap().get_ref().server, "new");
+    wait_until("the name to move", || {
+        hub.state().peer_named("svc") != Some(old_id)
+    })
+    .await;
+    assert_eq!(
+        c.unary(to("svc", echo("x", 0)))
+            .await
+            .unwrap()
+            .get_ref()
+            .server,
+        "new"
+    );
     // The old session's call ends normally, and then the old session goes.
-    let r = slow.await.unwrap().expect("the superseded session's call finishes");
+    let r = slow
+        .await
+        .unwrap()
+        .expect("the superseded session's call finishes");
     assert_eq!(r.get_ref().server, "old");
-    tokio::time::timeout(T, hub.registry().wait_gone(old_id)).await.unwrap();
+    tokio::time::timeout(T, hub.registry().wait_gone(old_id))
+        .await
+        .unwrap();
     old.stop().await;
     new.stop().await;
     hub.shutdown().await;
@@ -569,16 +650,112 @@ fn bad_flags_exit_2_naming_the_flag_and_the_rule() {
         (&["hub", "--grace", "-5"], "--grace", "negative"),
         (&["hub", "--grace", "NaN"], "--grace", "NaN"),
         (&["hub", "--max-peers", "0"], "--max-peers", "at least 1"),
-        (&["hub", "--listen", "notahostport"], "--listen", "HOST:PORT"),
-        (&["hub", "--handshake-timeout", "0"], "--handshake-timeout", "more than 0"),
-        (&["hub", "--announce-timeout", "inf"], "--announce-timeout", "finite"),
-        (&["hub", "--max-pending-per-source", "0"], "--max-pending-per-source", "at least 1"),
-        (&["agent", "--hub", "notahostport", "--name", "a", "--expose", "127.0.0.1:1"], "--hub", "HOST:PORT"),
-        (&["agent", "--hub", "127.0.0.1:1", "--name", "a", "--expose", "127.0.0.1:1", "--max-backoff", "0"], "--max-backoff", "more than 0"),
-        (&["agent", "--hub", "127.0.0.1:1", "--name", "a", "--expose", "127.0.0.1:1", "--max-backoff", "0.01"], "--max-backoff", "at least 0.1"),
-        (&["agent", "--hub", "127.0.0.1:1", "--name", "a", "--expose", "127.0.0.1:1", "--grace", "-1"], "--grace", "negative"),
-        (&["agent", "--hub", "127.0.0.1:1", "--name", "a b", "--expose", "127.0.0.1:1"], "--name", "may only contain"),
-        (&["agent", "--hub", "127.0.0.1:1", "--name", "a", "--expose", "127.0.0.1:1", "--label", "novalue"], "--label", "KEY=VALUE"),
+        (
+            &["hub", "--listen", "notahostport"],
+            "--listen",
+            "HOST:PORT",
+        ),
+        (
+            &["hub", "--handshake-timeout", "0"],
+            "--handshake-timeout",
+            "more than 0",
+        ),
+        (
+            &["hub", "--announce-timeout", "inf"],
+            "--announce-timeout",
+            "finite",
+        ),
+        (
+            &["hub", "--max-pending-per-source", "0"],
+            "--max-pending-per-source",
+            "at least 1",
+        ),
+        (
+            &[
+                "agent",
+                "--hub",
+                "notahostport",
+                "--name",
+                "a",
+                "--expose",
+                "127.0.0.1:1",
+            ],
+            "--hub",
+            "HOST:PORT",
+        ),
+        (
+            &[
+                "agent",
+                "--hub",
+                "127.0.0.1:1",
+                "--name",
+                "a",
+                "--expose",
+                "127.0.0.1:1",
+                "--max-backoff",
+                "0",
+            ],
+            "--max-backoff",
+            "more than 0",
+        ),
+        (
+            &[
+                "agent",
+                "--hub",
+                "127.0.0.1:1",
+                "--name",
+                "a",
+                "--expose",
+                "127.0.0.1:1",
+                "--max-backoff",
+                "0.01",
+            ],
+            "--max-backoff",
+            "at least 0.1",
+        ),
+        (
+            &[
+                "agent",
+                "--hub",
+                "127.0.0.1:1",
+                "--name",
+                "a",
+                "--expose",
+                "127.0.0.1:1",
+                "--grace",
+                "-1",
+            ],
+            "--grace",
+            "negative",
+        ),
+        (
+            &[
+                "agent",
+                "--hub",
+                "127.0.0.1:1",
+                "--name",
+                "a b",
+                "--expose",
+                "127.0.0.1:1",
+            ],
+            "--name",
+            "may only contain",
+        ),
+        (
+            &[
+                "agent",
+                "--hub",
+                "127.0.0.1:1",
+                "--name",
+                "a",
+                "--expose",
+                "127.0.0.1:1",
+                "--label",
+                "novalue",
+            ],
+            "--label",
+            "KEY=VALUE",
+        ),
     ];
     for (args, flag, rule) in cases {
         let out = Command::new(bin()).args(*args).output().unwrap();
@@ -648,7 +825,17 @@ fn unreachable_hub_is_retried_and_a_tls_mismatch_is_named() {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dead = l.local_addr().unwrap().to_string();
     drop(l);
-    let (mut a, rx) = spawn(&["agent", "--hub", &dead, "--name", "a", "--expose", "127.0.0.1:1", "--max-backoff", "0.2"]);
+    let (mut a, rx) = spawn(&[
+        "agent",
+        "--hub",
+        &dead,
+        "--name",
+        "a",
+        "--expose",
+        "127.0.0.1:1",
+        "--max-backoff",
+        "0.2",
+    ]);
     line_with(&rx, "cannot connect to the hub");
     line_with(&rx, "cannot connect to the hub");
     assert!(a.try_wait().unwrap().is_none(), "still retrying");
@@ -660,11 +847,32 @@ fn unreachable_hub_is_retried_and_a_tls_mismatch_is_named() {
     let c = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
     std::fs::write(&cert, c.cert.pem()).unwrap();
     std::fs::write(&key, c.signing_key.serialize_pem()).unwrap();
-    let (mut hub, hub_rx) = spawn(&["hub", "--listen", "127.0.0.1:0", "--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()]);
+    let (mut hub, hub_rx) = spawn(&[
+        "hub",
+        "--listen",
+        "127.0.0.1:0",
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ]);
     let line = line_with(&hub_rx, "hub listening on ");
     let addr = line.rsplit(' ').next().unwrap().to_string();
-    let (mut a, rx) = spawn(&["agent", "--hub", &addr, "--name", "a", "--expose", "127.0.0.1:1", "--max-backoff", "0.2"]);
-    line_with(&rx, "the hub speaks TLS but this agent connects in plaintext: pass --tls-ca");
+    let (mut a, rx) = spawn(&[
+        "agent",
+        "--hub",
+        &addr,
+        "--name",
+        "a",
+        "--expose",
+        "127.0.0.1:1",
+        "--max-backoff",
+        "0.2",
+    ]);
+    line_with(
+        &rx,
+        "the hub speaks TLS but this agent connects in plaintext: pass --tls-ca",
+    );
     assert!(sigterm_and_wait(&mut a).success());
     assert!(sigterm_and_wait(&mut hub).success());
 }
@@ -674,7 +882,9 @@ async fn sigterm_drains_the_agent_binary_and_exits_0() {
     let hub = hub_with(HubConfig::default()).await;
     let svc = service("svc").await;
     let hub_addr = hub.addr.unwrap().to_string();
-    let (mut a, rx) = spawn(&["agent", "--hub", &hub_addr, "--name", "svc", "--expose", &svc.addr, "--grace", "10"]);
+    let (mut a, rx) = spawn(&[
+        "agent", "--hub", &hub_addr, "--name", "svc", "--expose", &svc.addr, "--grace", "10",
+    ]);
     let rx = tokio::task::spawn_blocking(move || {
         line_with(&rx, "announced");
         rx
@@ -683,13 +893,23 @@ async fn sigterm_drains_the_agent_binary_and_exits_0() {
     .unwrap();
     let mut c = caller(&hub).await;
     let slow = tokio::spawn(async move { c.unary(to("svc", echo("sleep:1500", 0))).await });
-    wait_until("the call to be routed", || hub.state().calls_in_flight() == 1).await;
+    wait_until("the call to be routed", || {
+        hub.state().calls_in_flight() == 1
+    })
+    .await;
     let status = tokio::task::spawn_blocking(move || {
         let s = sigterm_and_wait(&mut a);
         line_with(&rx, "every call finished");
         s
     });
-    assert_eq!(slow.await.unwrap().expect("in-flight call finishes").get_ref().message, "sleep:1500");
+    assert_eq!(
+        slow.await
+            .unwrap()
+            .expect("in-flight call finishes")
+            .get_ref()
+            .message,
+        "sleep:1500"
+    );
     assert!(status.await.unwrap().success(), "exit 0");
     wait_until("the session to end", || hub.registry().is_empty()).await;
     hub.shutdown().await;

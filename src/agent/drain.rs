@@ -55,7 +55,11 @@ pub async fn drain(client: &Client, forwarder: &PerConnection, grace: Duration) 
         Ok(()) => forwarder.in_flight(),
         Err(_) => {
             let n = forwarder.in_flight();
-            tracing::warn!(in_flight = n, ?grace, "grace period over; cutting the remaining calls");
+            tracing::warn!(
+                in_flight = n,
+                ?grace,
+                "grace period over; cutting the remaining calls"
+            );
             n
         }
     };

@@ -111,7 +111,11 @@ impl PerConnection {
         let now = Instant::now();
         let mut map = self.inner.by_conn.lock().unwrap_or_else(|e| e.into_inner());
         {
-            let mut last = self.inner.last_sweep.lock().unwrap_or_else(|e| e.into_inner());
+            let mut last = self
+                .inner
+                .last_sweep
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             if now.duration_since(*last) >= IDLE / 3 {
                 *last = now;
                 map.retain(|_, e| {

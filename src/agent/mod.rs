@@ -256,7 +256,15 @@ async fn run_loop(
                     Err(status) => {
                         // Connected but unnamed would leave callers with
                         // NOT_FOUND for ever: start over with a new session.
-                        if tls.is_none() && matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown) && !tls_checked {
+                        if tls.is_none()
+                            && matches!(
+                                status.code(),
+                                tonic::Code::Unavailable
+                                    | tonic::Code::Cancelled
+                                    | tonic::Code::Unknown
+                            )
+                            && !tls_checked
+                        {
                             tls_checked = true;
                             if probe::hub_speaks_tls(&cfg.hub, Duration::from_secs(2)).await {
                                 tracing::error!(hub = %cfg.hub, "the hub speaks TLS but this agent connects in plaintext: pass --tls-ca (and --tls-server-name if needed)");
@@ -359,7 +367,12 @@ async fn announce(
 fn connect_hint(cfg: &AgentConfig, err: &backchannel::Error) -> &'static str {
     let text = error_chain(err).to_ascii_lowercase();
     if cfg.tls_ca.is_some() {
-        if text.contains("corrupt message") || text.contains("invalidcontenttype") || text.contains("wrong version") || text.contains("unexpected eof") || text.contains("handshake") {
+        if text.contains("corrupt message")
+            || text.contains("invalidcontenttype")
+            || text.contains("wrong version")
+            || text.contains("unexpected eof")
+            || text.contains("handshake")
+        {
             return "TLS handshake with the hub failed: is the hub serving plaintext (started without --tls-cert)? Then drop --tls-ca";
         }
     }
@@ -468,7 +481,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         _ = wait_for_signal() => {}
         _ = report => {}
     }
-    println!("agent draining (grace {:?}; a second signal stops at once)", grace);
+    println!(
+        "agent draining (grace {:?}; a second signal stops at once)",
+        grace
+    );
     let drain = agent.drain();
     tokio::select! {
         d = drain => match d {

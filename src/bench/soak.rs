@@ -190,7 +190,8 @@ impl HubProc {
     /// The hub's metrics as `name{labels}` -> value.
     async fn metrics(&self) -> anyhow::Result<HashMap<String, f64>> {
         let mut s = tokio::net::TcpStream::connect(&self.metrics).await?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await?;
         let mut body = String::new();
         s.read_to_string(&mut body).await?;
         Ok(body
@@ -445,7 +446,8 @@ async fn fake_peers(hub: &HubProc, n: usize) -> anyhow::Result<(u64, u64, u64, u
         .await?;
     let peak = hub.rss_kib();
     drop(clients);
-    hub.wait_peers(before_peers, Duration::from_secs(60)).await?;
+    hub.wait_peers(before_peers, Duration::from_secs(60))
+        .await?;
     let t = Instant::now();
     let after = hub.settled_rss(Duration::from_secs(10)).await;
     Ok((start, peak, after, t.elapsed().as_millis() as u64))
@@ -460,8 +462,12 @@ async fn slow_readers(hub: &HubProc) -> anyhow::Result<(Duration, Duration)> {
             let mut lat = Vec::new();
             for i in 0..n {
                 let t = Instant::now();
-                g.unary(to("soak-target", echo(format!("m{i}"), 0), Duration::from_secs(5)))
-                    .await?;
+                g.unary(to(
+                    "soak-target",
+                    echo(format!("m{i}"), 0),
+                    Duration::from_secs(5),
+                ))
+                .await?;
                 lat.push(t.elapsed());
             }
             Ok::<_, Status>(lat)
@@ -474,14 +480,20 @@ async fn slow_readers(hub: &HubProc) -> anyhow::Result<(Duration, Duration)> {
     let mut stalled = Vec::new();
     for _ in 0..64 {
         stalled.push(
-            slow.server_stream(to("soak-target", echo(&big, 100_000), Duration::from_secs(600)))
-                .await?,
+            slow.server_stream(to(
+                "soak-target",
+                echo(&big, 100_000),
+                Duration::from_secs(600),
+            ))
+            .await?,
         );
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let during = pct(run(500).await?, 99);
     drop(stalled);
-    let _ = good.unary(to("soak-target", echo("x", 0), Duration::from_secs(5))).await?;
+    let _ = good
+        .unary(to("soak-target", echo("x", 0), Duration::from_secs(5)))
+        .await?;
     Ok((base, during))
 }
 
@@ -530,7 +542,10 @@ impl Tally {
             self.explained.fetch_add(1, Ordering::Relaxed);
         } else {
             self.unexplained.fetch_add(1, Ordering::Relaxed);
-            let mut v = self.first_unexplained.lock().unwrap_or_else(|e| e.into_inner());
+            let mut v = self
+                .first_unexplained
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             if v.len() < 10 {
                 v.push(format!("{}: {:?} {}", slot.name, s.code(), s.message()));
             }
@@ -542,13 +557,18 @@ type Live = Arc<Mutex<Vec<Arc<Slot>>>>;
 
 fn pick(live: &Live, rng: &mut sys::XorShift) -> Option<Arc<Slot>> {
     let l = live.lock().unwrap_or_else(|e| e.into_inner());
-    let up: Vec<&Arc<Slot>> = l.iter().filter(|s| s.state.load(Ordering::SeqCst) == UP).collect();
+    let up: Vec<&Arc<Slot>> = l
+        .iter()
+        .filter(|s| s.state.load(Ordering::SeqCst) == UP)
+        .collect();
     (!up.is_empty()).then(|| up[rng.below(up.len())].clone())
 }
 
 fn set_live(live: &Live, slot: Arc<Slot>) {
     let mut l = live.lock().unwrap_or_else(|e| e.into_inner());
-    l.retain(|s| s.name != slot.name || s.state.load(Ordering::SeqCst) == UP && Arc::ptr_eq(s, &slot));
+    l.retain(|s| {
+        s.name != slot.name || s.state.load(Ordering::SeqCst) == UP && Arc::ptr_eq(s, &slot)
+    });
     l.push(slot);
 }
 
@@ -603,7 +623,12 @@ async fn agent_slot(
     Ok(())
 }
 
-async fn caller(hub: Arc<HubProc>, live: Live, tally: Arc<Tally>, end: Instant) -> anyhow::Result<()> {
+async fn caller(
+    hub: Arc<HubProc>,
+    live: Live,
+    tally: Arc<Tally>,
+    end: Instant,
+) -> anyhow::Result<()> {
     let mut rng = sys::XorShift::from_time();
     let mut c = plain(hub.addr).await?;
     let t = Duration::from_secs(10);
@@ -618,7 +643,10 @@ async fn caller(hub: Arc<HubProc>, live: Live, tally: Arc<Tally>, end: Instant) 
             match op {
                 0..=39 => c.unary(to(n, echo("hello", 0), t)).await.map(drop),
                 40..=59 => {
-                    let mut s = c.server_stream(to(n, echo("s", 10 + rng.below(90) as u32), t)).await?.into_inner();
+                    let mut s = c
+                        .server_stream(to(n, echo("s", 10 + rng.below(90) as u32), t))
+                        .await?
+                        .into_inner();
                     while s.message().await?.is_some() {}
                     Ok(())
                 }
@@ -635,7 +663,9 @@ async fn caller(hub: Arc<HubProc>, live: Live, tally: Arc<Tally>, end: Instant) 
                 90..=94 => c.unary(to(n, echo("sleep:300", 0), t)).await.map(drop),
                 _ => {
                     // Never read: open a big stream, hold it, drop it.
-                    let s = c.server_stream(to(n, echo("x".repeat(16 * 1024), 100_000), t)).await?;
+                    let s = c
+                        .server_stream(to(n, echo("x".repeat(16 * 1024), 100_000), t))
+                        .await?;
                     tally.never_read.fetch_add(1, Ordering::Relaxed);
                     tokio::time::sleep(Duration::from_millis(500 + rng.below(1500) as u64)).await;
                     drop(s);
@@ -742,7 +772,12 @@ pub async fn run(a: &SoakArgs) -> anyhow::Result<()> {
         )));
     }
     for _ in 0..a.callers {
-        tasks.push(tokio::spawn(caller(hub.clone(), live.clone(), tally.clone(), end)));
+        tasks.push(tokio::spawn(caller(
+            hub.clone(),
+            live.clone(),
+            tally.clone(),
+            end,
+        )));
     }
     let silent = tokio::spawn(silent_arrivals(hub.clone(), tally.clone(), end));
     let t0 = Instant::now();
@@ -795,7 +830,12 @@ pub async fn run(a: &SoakArgs) -> anyhow::Result<()> {
         hub.peers().await,
         100.0 * (rss1 as f64 - rss0 as f64) / rss0 as f64
     );
-    for u in tally.first_unexplained.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+    for u in tally
+        .first_unexplained
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+    {
         println!("  unexplained: {u}");
     }
     svc_task.abort();

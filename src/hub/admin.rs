@@ -10,7 +10,8 @@ use crate::{
     hub::state::HubState,
     pb::hub::{
         peer_event::Kind, peers_server::Peers, registration_server::Registration, AnnounceRequest,
-        AnnounceResponse, LeaveRequest, LeaveResponse, ListPeersRequest, ListPeersResponse, PeerEvent, WatchPeersRequest,
+        AnnounceResponse, LeaveRequest, LeaveResponse, ListPeersRequest, ListPeersResponse,
+        PeerEvent, WatchPeersRequest,
     },
 };
 

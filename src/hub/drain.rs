@@ -34,8 +34,12 @@ pub fn retire(state: &HubState, id: PeerId, grace: Duration) {
     let registry = state.registry().clone();
     tokio::spawn(async move {
         if tokio::time::timeout(grace, idle(&c)).await.is_err() {
-            tracing::warn!(peer = id, in_flight = c.in_flight.load(Ordering::SeqCst), ?grace,
-                "leaving session still had calls after the grace period; closing it");
+            tracing::warn!(
+                peer = id,
+                in_flight = c.in_flight.load(Ordering::SeqCst),
+                ?grace,
+                "leaving session still had calls after the grace period; closing it"
+            );
         } else {
             tracing::info!(peer = id, "leaving session drained; closing it");
         }

@@ -83,13 +83,19 @@ pub fn count(s: &str) -> Result<usize, String> {
 /// a bracketed IPv6 address).
 pub fn host_port(s: &str) -> Result<String, String> {
     let t = s.trim();
-    let err = || format!("'{s}' is not HOST:PORT (e.g. 127.0.0.1:7443, hub.example.com:7443, [::1]:7443)");
+    let err = || {
+        format!("'{s}' is not HOST:PORT (e.g. 127.0.0.1:7443, hub.example.com:7443, [::1]:7443)")
+    };
     let (host, port) = t.rsplit_once(':').ok_or_else(err)?;
     if host.is_empty() || port.parse::<u16>().is_err() {
         return Err(err());
     }
     if let Some(inner) = host.strip_prefix('[') {
-        if !inner.ends_with(']') || inner[..inner.len() - 1].parse::<std::net::Ipv6Addr>().is_err() {
+        if !inner.ends_with(']')
+            || inner[..inner.len() - 1]
+                .parse::<std::net::Ipv6Addr>()
+                .is_err()
+        {
             return Err(err());
         }
     } else if host.contains(':')
@@ -152,7 +158,10 @@ mod tests {
     #[test]
     fn durations() {
         assert_eq!(seconds_or_zero("2.5").unwrap(), Duration::from_millis(2500));
-        assert_eq!(seconds_or_zero("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(
+            seconds_or_zero("500ms").unwrap(),
+            Duration::from_millis(500)
+        );
         assert_eq!(seconds_or_zero("2m").unwrap(), Duration::from_secs(120));
         assert_eq!(seconds_or_zero("0").unwrap(), Duration::ZERO);
         assert_eq!(seconds_or_zero("inf").unwrap(), Duration::MAX);

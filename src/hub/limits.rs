@@ -35,7 +35,11 @@ pub fn spawn_announce_deadline(
                         .metrics
                         .announce_timeouts
                         .fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(peer = p.id, ?timeout, "closing a session that did not announce a name in time");
+                    tracing::info!(
+                        peer = p.id,
+                        ?timeout,
+                        "closing a session that did not announce a name in time"
+                    );
                     state.registry().close(p.id);
                 }
             }
@@ -75,7 +79,9 @@ pub fn spawn_heap_trimmer(state: Arc<HubState>) -> tokio::task::JoinHandle<()> {
                     left += 1;
                 }
             }
-            let took = tokio::task::spawn_blocking(trim_heap).await.unwrap_or_default();
+            let took = tokio::task::spawn_blocking(trim_heap)
+                .await
+                .unwrap_or_default();
             state.metrics.heap_trims.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(peers_left = left, ?took, "trimmed the heap");
             left = 0;

@@ -3,11 +3,11 @@
 
 use std::{
     collections::HashMap,
-    time::Duration,
     sync::{
         atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
         Arc, Mutex,
     },
+    time::Duration,
 };
 
 use backchannel::{PeerEvent, PeerId, PeerInfo, Registry};
@@ -278,7 +278,10 @@ impl HubState {
 
     /// Whether peer `id` is connected and has announced a name.
     pub fn is_announced(&self, id: PeerId) -> bool {
-        self.tables().peers.get(&id).is_some_and(|e| !e.name.is_empty())
+        self.tables()
+            .peers
+            .get(&id)
+            .is_some_and(|e| !e.name.is_empty())
     }
 
     /// The peer holding `name`, if any.

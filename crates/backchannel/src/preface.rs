@@ -66,11 +66,20 @@ mod tests {
     #[tokio::test]
     async fn rejects_other_bytes() {
         let mut r = &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n0123456789"[..];
-        assert!(matches!(read_h2_start(&mut r).await, Err(PrefaceError::Invalid(_))));
+        assert!(matches!(
+            read_h2_start(&mut r).await,
+            Err(PrefaceError::Invalid(_))
+        ));
         let mut input = PREFACE.to_vec();
         input.extend_from_slice(&[0, 0, 0, 6, 0, 0, 0, 0, 0]); // PING first
-        assert!(matches!(read_h2_start(&mut &input[..]).await, Err(PrefaceError::Invalid(_))));
+        assert!(matches!(
+            read_h2_start(&mut &input[..]).await,
+            Err(PrefaceError::Invalid(_))
+        ));
         let mut r = &PREFACE[..10];
-        assert!(matches!(read_h2_start(&mut r).await, Err(PrefaceError::Io(_))));
+        assert!(matches!(
+            read_h2_start(&mut r).await,
+            Err(PrefaceError::Io(_))
+        ));
     }
 }

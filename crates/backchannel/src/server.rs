@@ -134,7 +134,8 @@ async fn accept_peer(
         // Tell the client why (its first call gets RESOURCE_EXHAUSTED), then
         // close the session.
         let err = Error::PeerLimit(max_peers);
-        let status = tonic::Status::resource_exhausted(format!("the hub refused the session: {err}"));
+        let status =
+            tonic::Status::resource_exhausted(format!("the hub refused the session: {err}"));
         let window = config.handshake_timeout.min(REFUSAL_WINDOW);
         crate::refuse::serve_refusal(first, prefix, status, window)
             .instrument(span)

@@ -50,10 +50,7 @@ use std::{
 
 use bytes::Bytes;
 use futures::Stream;
-use tokio::{
-    io::AsyncReadExt,
-    sync::mpsc,
-};
+use tokio::{io::AsyncReadExt, sync::mpsc};
 use tracing::{debug, info_span, warn, Instrument};
 
 pub use conn::{BoxIo, ConnInfo, Connection, Io, Rewind, Transport};
@@ -320,8 +317,15 @@ async fn accept_loop<L: Listener>(
                     inner.stats.inc(&inner.stats.evicted);
                 }
                 let span = info_span!("listenmux_conn", remote = ?info.remote_addr);
-                let work = sniff_and_route(Box::new(io), info, inner.clone(), tx.clone(), admitted.guard);
-                let on_evict = || debug!("pending connection evicted for a newcomer from another source");
+                let work = sniff_and_route(
+                    Box::new(io),
+                    info,
+                    inner.clone(),
+                    tx.clone(),
+                    admitted.guard,
+                );
+                let on_evict =
+                    || debug!("pending connection evicted for a newcomer from another source");
                 tokio::spawn(pending::evictable(admitted.evicted, on_evict, work).instrument(span));
             }
             Err(err) => {
