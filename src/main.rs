@@ -40,6 +40,13 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Demo => backchannel_demo::run().await,
         Command::Hub(args) => hub::run(args.into_config()).await,
-        Command::Agent(args) => agent::run(args.into_config()?).await,
+        Command::Agent(args) => match args.into_config() {
+            Ok(cfg) => agent::run(cfg).await,
+            // A bad flag value: like clap's own usage errors, exit 2.
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                std::process::exit(2);
+            }
+        },
     }
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 /// | `keepalive` | 15 s | 15 s | detects a silent peer without gRPC keepalive; hashicorp answers pings even with its own keepalive off |
 /// | `keepalive_timeout` | 30 s | 30 s | a ping unanswered this long ends the session |
 /// | `write_timeout` | 10 s | 10 s | yamux's safety valve for a connection that stops draining |
-/// | `handshake_timeout` | 10 s | 10 s | how long a client may take to open stream 1 (server), or the server to answer (client) |
+/// | `handshake_timeout` | 10 s | 10 s | server: how long a client may take to open stream 1 and send the HTTP/2 preface and SETTINGS on it (only then is it a peer); client: how long the connect and stream 1 may take |
 /// | `max_streams` | 1024 | 256 | server: reverse-channel streams it may open; client: each server-opened stream is an HTTP/2 connection with its own buffers, so a server is not allowed thousands |
 ///
 /// ```

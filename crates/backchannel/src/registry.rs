@@ -184,6 +184,28 @@ impl Registry {
             .ok_or(Error::NoBackchannel(id))
     }
 
+    /// A new backchannel to peer `id` with an HTTP/2 connection of its own
+    /// (its own yamux stream, opened on first use), not shared with the
+    /// channel [`backchannel`](Self::backchannel) returns: calls on it
+    /// cannot be slowed by another channel's stalled streams. The
+    /// connection closes when the last clone is dropped.
+    ///
+    /// ```
+    /// let registry = backchannel::Registry::new();
+    /// assert!(registry.dedicated_backchannel(7).is_err());
+    /// ```
+    pub fn dedicated_backchannel(&self, id: PeerId) -> Result<PeerChannel, Error> {
+        let peers = self.peers();
+        let e = peers.get(&id).ok_or(Error::NoBackchannel(id))?;
+        Ok(PeerChannel::new(
+            crate::server::reverse_channel(
+                e.session.clone(),
+                crate::server::default_reverse_endpoint(e.info.remote_addr),
+            ),
+            format!("peer {id}"),
+        ))
+    }
+
     /// The backchannel of the peer that sent `request`.
     ///
     /// ```

@@ -11,7 +11,7 @@ use std::{
 use backchannel_yamux::Mode;
 use hyper_util::rt::TokioIo;
 use listenmux::{
-    BoxFuture, BoxIo, ConnInfo, Connection, HandshakeError, Handshaked, Handshaker, Magic,
+    BoxFuture, BoxIo, ConnInfo, Connection, HandshakeError, Handshaked, Handshaker, Magic, Rewind,
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tonic::transport::Endpoint;
@@ -102,8 +102,9 @@ impl ServerHandshaker {
         self
     }
 
-    /// Refuses new peers (closing their connection) while `max` are
-    /// connected. Unlimited by default.
+    /// Refuses new peers while `max` are connected. Unlimited by default.
+    /// A refused client's first call (its announce, say) is answered with
+    /// `RESOURCE_EXHAUSTED` naming the limit, then its session is closed.
     ///
     /// ```
     /// let h = backchannel::ServerHandshaker::new(backchannel::Registry::new(), backchannel::SessionConfig::server())
@@ -129,15 +130,14 @@ impl Handshaker for ServerHandshaker {
         let registry = self.registry.clone();
         let config = self.config.clone();
         let endpoint = self.endpoint.clone();
-        if registry.len() >= self.max_peers {
-            let max = self.max_peers;
-            return Box::pin(async move {
-                Err(HandshakeError::Protocol(Box::new(Error::PeerLimit(max))))
-            });
-        }
-        Box::pin(async move { accept_peer(io, info, registry, config, endpoint).await })
+        let max_peers = self.max_peers;
+        Box::pin(async move { accept_peer(io, info, registry, config, endpoint, max_peers).await })
     }
 }
+
+/// How long a refused client has to send its first call and read the
+/// refusal: clients send it right after connecting.
+const REFUSAL_WINDOW: std::time::Duration = std::time::Duration::from_secs(2);
 
 async fn accept_peer(
     io: BoxIo,
@@ -145,29 +145,57 @@ async fn accept_peer(
     registry: Registry,
     config: SessionConfig,
     endpoint: Option<Endpoint>,
+    max_peers: usize,
 ) -> Result<Handshaked, HandshakeError> {
     let id = registry.next_id();
     let span = info_span!("backchannel_peer", peer_id = id.get(), remote = ?info.remote_addr());
     let (session, mut inbound, _) = session::spawn(io, &config, Mode::Server, span.clone());
     let guard = CloseOnDrop(session.clone());
-    let timeout = config.handshake_timeout();
-    let first = match tokio::time::timeout(timeout, inbound.accept()).await {
-        Ok(Some(stream)) => stream,
-        Ok(None) => {
-            return Err(HandshakeError::Io(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "session ended before the client opened its stream",
-            )))
+    // Stream 1, then the HTTP/2 preface and SETTINGS on it, all within the
+    // handshake timeout: until then the session is not a peer (not in the
+    // registry, not counted against the peer limit).
+    let start = async {
+        let mut first = match inbound.accept().await {
+            Some(stream) => stream,
+            None => {
+                return Err(HandshakeError::Io(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "session ended before the client opened its stream",
+                )))
+            }
+        };
+        match crate::preface::read_h2_start(&mut first).await {
+            Ok(prefix) => Ok((first, prefix)),
+            Err(crate::preface::PrefaceError::Io(e)) => Err(HandshakeError::Io(e)),
+            Err(e) => Err(HandshakeError::Protocol(Box::new(e))),
         }
+    };
+    let timeout = config.handshake_timeout();
+    let (first, prefix) = match tokio::time::timeout(timeout, start).await {
+        Ok(r) => r?,
         Err(_) => {
             return Err(HandshakeError::Timeout {
-                step: "the client's first yamux stream",
+                step: "the client's first yamux stream and its HTTP/2 preface and SETTINGS",
                 after: timeout,
             })
         }
     };
     // Exactly one client-opened stream, as in Gitaly: later ones are reset.
     drop(inbound);
+    if registry.len() >= max_peers {
+        // Tell the client why (its first call gets RESOURCE_EXHAUSTED), then
+        // close the session.
+        let err = Error::PeerLimit(max_peers);
+        let status =
+            tonic::Status::resource_exhausted(format!("the hub refused the session: {err}"));
+        let window = config.handshake_timeout().min(REFUSAL_WINDOW);
+        crate::refuse::serve_refusal(first, prefix, status, window)
+            .instrument(span)
+            .await;
+        return Err(HandshakeError::Protocol(Box::new(err)));
+    }
+    let stream_id = first.id();
+    let first = Rewind::new(prefix, first);
 
     let peer = PeerInfo {
         id,
@@ -196,7 +224,7 @@ async fn accept_peer(
         }
         .instrument(span.clone()),
     );
-    span.in_scope(|| info!(stream = first.id(), "peer connected"));
+    span.in_scope(|| info!(stream = stream_id, "peer connected"));
     info.extensions_mut().insert(id);
     Ok(Handshaked::Connection(Connection::new(
         Box::new(PeerConn {
@@ -209,7 +237,7 @@ async fn accept_peer(
 
 /// `http://<peer address>` (informational only: the client accepts any
 /// authority) with the backchannel's HTTP/2 windows.
-fn default_reverse_endpoint(remote: Option<std::net::SocketAddr>) -> Endpoint {
+pub(crate) fn default_reverse_endpoint(remote: Option<std::net::SocketAddr>) -> Endpoint {
     let uri = match remote {
         Some(addr) => http::Uri::builder()
             .scheme("http")
@@ -225,7 +253,10 @@ fn default_reverse_endpoint(remote: Option<std::net::SocketAddr>) -> Endpoint {
 }
 
 /// A tonic channel to the client: each (re)connect opens a new yamux stream.
-fn reverse_channel(session: SessionHandle, endpoint: Endpoint) -> tonic::transport::Channel {
+pub(crate) fn reverse_channel(
+    session: SessionHandle,
+    endpoint: Endpoint,
+) -> tonic::transport::Channel {
     endpoint.connect_with_connector_lazy(tower::service_fn(move |_uri| {
         let session = session.clone();
         async move {
@@ -239,7 +270,7 @@ fn reverse_channel(session: SessionHandle, endpoint: Endpoint) -> tonic::transpo
 /// whole session (and the peer) goes.
 #[derive(Debug)]
 struct PeerConn {
-    stream: YamuxStream,
+    stream: Rewind<YamuxStream>,
     _guard: CloseOnDrop,
 }
 

@@ -17,6 +17,7 @@ pub mod chart;
 pub mod paths;
 pub mod peers;
 pub mod report;
+pub mod soak;
 pub mod sys;
 pub mod workload;
 
@@ -157,6 +158,9 @@ enum BenchCommand {
     /// Connect N idle backchannel peers to one server: connect rate, server
     /// RSS per peer, reverse-call latency to random peers.
     Peers(PeersArgs),
+    /// The hub under churn, floods, fake peers and slow readers for a
+    /// while; checks it is back where it started (`soak --duration 20s`).
+    Soak(soak::SoakArgs),
     /// (internal) the client process of `peers`.
     #[command(hide = true)]
     PeersChild {
@@ -234,6 +238,7 @@ pub async fn run(mut a: BenchArgs) -> anyhow::Result<()> {
             }
             return Ok(());
         }
+        Some(BenchCommand::Soak(s)) => return soak::run(&s).await,
         Some(BenchCommand::PeersChild {
             addr,
             n,

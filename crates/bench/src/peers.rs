@@ -281,7 +281,7 @@ pub async fn run(a: &PeersArgs, quiet: bool) -> anyhow::Result<PeersResult> {
     let mut chosen = Vec::with_capacity(want);
     let mut seen = HashSet::new();
     while chosen.len() < want {
-        let id = ids[rng.below_usize(ids.len())];
+        let id = ids[rng.below(ids.len())];
         if seen.insert(id) {
             chosen.push(id);
         }
@@ -306,7 +306,7 @@ pub async fn run(a: &PeersArgs, quiet: bool) -> anyhow::Result<PeersResult> {
         clients.push(c);
     }
     for _ in 0..want {
-        let c = &mut clients[rng.below_usize(want)];
+        let c = &mut clients[rng.below(want)];
         let t = Instant::now();
         c.echo(bench::Payload {
             data: payload.clone(),

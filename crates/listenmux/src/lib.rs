@@ -9,8 +9,11 @@
 //!
 //! The accept loop never waits on a client: sniffing is bounded by
 //! [`MuxConfig::sniff_timeout`] and the number of connections being sniffed (and
-//! handshaked) at once by [`MuxConfig::max_pending`]; connections beyond that
-//! bound are closed at once and counted.
+//! handshaked) at once by [`MuxConfig::max_pending`]. Those slots are shared
+//! fairly between sources ([`SourceLimits`]): each source may hold only its
+//! share, and when all are taken a newcomer from a smaller source evicts the
+//! oldest pending connection of the biggest one. Refusals and evictions are
+//! closed at once and counted.
 //!
 //! The stream of connections it yields plugs straight into
 //! [`tonic::transport::Server::serve_with_incoming`]; handlers find the
@@ -39,6 +42,7 @@
 mod conn;
 mod layer;
 mod listener;
+mod pending;
 mod stats;
 
 use std::{
@@ -52,15 +56,13 @@ use std::{
 
 use bytes::Bytes;
 use futures::Stream;
-use tokio::{
-    io::AsyncReadExt,
-    sync::{mpsc, OwnedSemaphorePermit, Semaphore},
-};
+use tokio::{io::AsyncReadExt, sync::mpsc};
 use tracing::{debug, info_span, warn, Instrument};
 
 pub use conn::{BoxIo, ConnInfo, Connection, Io, Rewind, Transport};
 pub use layer::{server_builder, ConnectInfoLayer, ConnectInfoService};
 pub use listener::Listener;
+pub use pending::SourceLimits;
 pub use stats::{Stats, StatsSnapshot};
 
 /// Length of a handshake magic, in bytes (Gitaly's `backchannel` is 11).
@@ -194,6 +196,7 @@ struct Inner {
     handshakers: Vec<Arc<dyn Handshaker>>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     stats: Arc<Stats>,
+    limits: SourceLimits,
 }
 
 /// Routes accepted connections by their first bytes. See the crate docs.
@@ -238,6 +241,7 @@ pub struct ListenMuxBuilder {
     config: MuxConfig,
     handshakers: Vec<Arc<dyn Handshaker>>,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    limits: SourceLimits,
 }
 
 impl std::fmt::Debug for ListenMuxBuilder {
@@ -246,6 +250,7 @@ impl std::fmt::Debug for ListenMuxBuilder {
             .field("config", &self.config)
             .field("handshakers", &self.handshakers.len())
             .field("tls", &self.tls.is_some())
+            .field("limits", &self.limits)
             .finish()
     }
 }
@@ -294,6 +299,22 @@ impl ListenMuxBuilder {
         self
     }
 
+    /// Shares the [`MuxConfig::max_pending`] slots fairly between sources:
+    /// a per-source limit, and eviction of the biggest source's oldest
+    /// pending connection when all slots are taken (see [`SourceLimits`]).
+    /// On by default with [`SourceLimits::default`].
+    ///
+    /// ```
+    /// let mux = listenmux::ListenMux::builder()
+    ///     .source_limits(listenmux::SourceLimits::default().with_max_per_source(32))
+    ///     .build();
+    /// # drop(mux);
+    /// ```
+    pub fn source_limits(mut self, limits: SourceLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
     /// The mux.
     pub fn build(self) -> ListenMux {
         ListenMux {
@@ -302,6 +323,7 @@ impl ListenMuxBuilder {
                 handshakers: self.handshakers,
                 tls: self.tls,
                 stats: Arc::new(Stats::default()),
+                limits: self.limits,
             }),
         }
     }
@@ -320,6 +342,7 @@ impl ListenMux {
             config: MuxConfig::default(),
             handshakers: Vec::new(),
             tls: None,
+            limits: SourceLimits::default(),
         }
     }
 
@@ -382,7 +405,7 @@ async fn accept_loop<L: Listener>(
     inner: Arc<Inner>,
     tx: mpsc::Sender<Connection>,
 ) {
-    let pending = Arc::new(Semaphore::new(inner.config.max_pending));
+    let pending = pending::Pending::new(inner.config.max_pending, inner.limits);
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
@@ -393,17 +416,35 @@ async fn accept_loop<L: Listener>(
             Ok((io, info)) => {
                 backoff = Duration::from_millis(5);
                 inner.stats.inc(&inner.stats.accepted);
-                let Ok(permit) = pending.clone().try_acquire_owned() else {
-                    inner.stats.inc(&inner.stats.rejected_overload);
-                    warn!(remote = ?info.remote_addr(), max_pending = inner.config.max_pending,
-                        "too many connections being sniffed; closing the new one");
-                    continue;
+                let admitted = match pending.admit(pending::SourceKey::of(info.remote_addr())) {
+                    Ok(a) => a,
+                    Err(pending::Refused::SourceLimit) => {
+                        inner.stats.inc(&inner.stats.rejected_source_limit);
+                        debug!(remote = ?info.remote_addr(), max_per_source = inner.limits.max_per_source,
+                            "too many pending connections from this source; closing the new one");
+                        continue;
+                    }
+                    Err(pending::Refused::Overload) => {
+                        inner.stats.inc(&inner.stats.rejected_overload);
+                        warn!(remote = ?info.remote_addr(), max_pending = inner.config.max_pending,
+                            "too many connections being sniffed; closing the new one");
+                        continue;
+                    }
                 };
+                if admitted.made_room {
+                    inner.stats.inc(&inner.stats.evicted);
+                }
                 let span = info_span!("listenmux_conn", remote = ?info.remote_addr());
-                tokio::spawn(
-                    sniff_and_route(Box::new(io), info, inner.clone(), tx.clone(), permit)
-                        .instrument(span),
+                let work = sniff_and_route(
+                    Box::new(io),
+                    info,
+                    inner.clone(),
+                    tx.clone(),
+                    admitted.guard,
                 );
+                let on_evict =
+                    || debug!("pending connection evicted for a newcomer from another source");
+                tokio::spawn(pending::evictable(admitted.evicted, on_evict, work).instrument(span));
             }
             Err(err) => {
                 // Out of file descriptors and similar resource errors: back off
@@ -436,7 +477,7 @@ async fn sniff_and_route(
     info: ConnInfo,
     inner: Arc<Inner>,
     tx: mpsc::Sender<Connection>,
-    permit: OwnedSemaphorePermit,
+    permit: pending::PendingGuard,
 ) {
     let stats = &inner.stats;
     let timeout = inner.config.sniff_timeout;

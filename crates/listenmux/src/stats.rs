@@ -16,6 +16,8 @@ pub struct Stats {
     pub(crate) sniff_timeouts: AtomicU64,
     pub(crate) sniff_errors: AtomicU64,
     pub(crate) rejected_overload: AtomicU64,
+    pub(crate) rejected_source_limit: AtomicU64,
+    pub(crate) evicted: AtomicU64,
 }
 
 /// A copy of [`Stats`] at one moment.
@@ -42,8 +44,15 @@ pub struct StatsSnapshot {
     pub sniff_timeouts: u64,
     /// Connections that failed or closed before their first bytes.
     pub sniff_errors: u64,
-    /// Connections closed at once because too many were being sniffed.
+    /// Connections closed at once because too many were being sniffed (and
+    /// their source was the one holding the most).
     pub rejected_overload: u64,
+    /// Connections closed at once because their source already had its
+    /// share of pending connections ([`SourceLimits::max_per_source`](crate::SourceLimits::max_per_source)).
+    pub rejected_source_limit: u64,
+    /// Pending connections closed to make room for a newcomer from a source
+    /// holding fewer.
+    pub evicted: u64,
 }
 
 impl Stats {
@@ -66,6 +75,8 @@ impl Stats {
             sniff_timeouts: r(&self.sniff_timeouts),
             sniff_errors: r(&self.sniff_errors),
             rejected_overload: r(&self.rejected_overload),
+            rejected_source_limit: r(&self.rejected_source_limit),
+            evicted: r(&self.evicted),
         }
     }
 }
@@ -92,6 +103,8 @@ impl std::ops::Add for StatsSnapshot {
             sniff_timeouts: self.sniff_timeouts + o.sniff_timeouts,
             sniff_errors: self.sniff_errors + o.sniff_errors,
             rejected_overload: self.rejected_overload + o.rejected_overload,
+            rejected_source_limit: self.rejected_source_limit + o.rejected_source_limit,
+            evicted: self.evicted + o.evicted,
         }
     }
 }

@@ -30,18 +30,13 @@ impl Rng {
     }
 
     /// A number in `0..n` (`n > 0`).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-
-    /// A number in `0..n` as `usize` (`n > 0`).
-    pub fn below_usize(&mut self, n: usize) -> usize {
-        self.below(n as u64) as usize
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
     }
 
     /// Uniform-ish in `lo..=hi`.
     pub fn range(&mut self, lo: usize, hi: usize) -> usize {
-        lo + self.below_usize(hi - lo + 1)
+        lo + self.below(hi - lo + 1)
     }
 
     /// `n` random bytes.

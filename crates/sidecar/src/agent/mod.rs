@@ -11,7 +11,13 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::{pb::hub::registration_client::RegistrationClient, pb::hub::AnnounceRequest, router};
+use crate::{pb::hub::registration_client::RegistrationClient, pb::hub::AnnounceRequest};
+
+pub mod drain;
+pub mod isolate;
+pub mod probe;
+
+use isolate::PerConnection;
 
 /// A session that lasted this long resets the reconnect backoff.
 const STABLE_SESSION: Duration = Duration::from_secs(10);
@@ -40,6 +46,8 @@ pub struct AgentConfig {
     pub backoff_initial: Duration,
     /// Largest reconnect delay.
     pub backoff_max: Duration,
+    /// On drain (SIGTERM), how long calls in flight may take to finish.
+    pub grace: Duration,
 }
 
 impl AgentConfig {
@@ -56,6 +64,7 @@ impl AgentConfig {
             tls_server_name: None,
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
+            grace: Duration::from_secs(10),
         }
     }
 }
@@ -79,7 +88,9 @@ pub struct AgentStatus {
 pub struct Agent {
     status: watch::Receiver<AgentStatus>,
     stop: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
+    drain: CancellationToken,
+    task: tokio::task::JoinHandle<Option<drain::Drained>>,
+    forwarder: PerConnection,
 }
 
 impl Agent {
@@ -115,11 +126,24 @@ impl Agent {
         };
         let (tx, rx) = watch::channel(AgentStatus::default());
         let stop = CancellationToken::new();
-        let task = tokio::spawn(run_loop(cfg, expose, tls, tx, stop.clone()));
+        let drain = CancellationToken::new();
+        let target = format!("exposed service {}", cfg.expose);
+        let addr = cfg.expose.clone();
+        let forwarder = PerConnection::new(move || expose_channel(&addr), expose, target);
+        let task = tokio::spawn(run_loop(
+            cfg,
+            forwarder.clone(),
+            tls,
+            tx,
+            stop.clone(),
+            drain.clone(),
+        ));
         Ok(Agent {
             status: rx,
             stop,
+            drain,
             task,
+            forwarder,
         })
     }
 
@@ -147,10 +171,25 @@ impl Agent {
         Ok(())
     }
 
-    /// Stops the agent and closes its session.
+    /// Stops the agent and closes its session at once (calls in flight
+    /// fail).
     pub async fn stop(self) {
         self.stop.cancel();
         let _ = self.task.await;
+    }
+
+    /// Calls being forwarded to the exposed service now.
+    pub fn calls_in_flight(&self) -> usize {
+        self.forwarder.in_flight()
+    }
+
+    /// Drains and stops: tells the hub the agent is leaving (no new calls
+    /// are routed to it), lets the calls in flight finish within the
+    /// configured grace period, then closes the session. Returns how it
+    /// went (`None` if no session was up).
+    pub async fn drain(self) -> Option<drain::Drained> {
+        self.drain.cancel();
+        self.task.await.ok().flatten()
     }
 }
 
@@ -161,11 +200,10 @@ type Tls = Option<(
 
 async fn connect(
     cfg: &AgentConfig,
-    expose: &Channel,
+    forwarder: &PerConnection,
     tls: &Tls,
 ) -> Result<Client, backchannel::Error> {
-    let routes = router::ForwardAll::new(expose.clone(), format!("exposed service {}", cfg.expose))
-        .into_routes();
+    let routes = forwarder.clone().into_routes();
     let mut b = ClientBuilder::new();
     if let Some((c, n)) = tls {
         b = b.tls(c.clone(), n.clone());
@@ -184,16 +222,31 @@ async fn connect(
 
 async fn run_loop(
     cfg: AgentConfig,
-    expose: Channel,
+    forwarder: PerConnection,
     tls: Tls,
     status: watch::Sender<AgentStatus>,
     stop: CancellationToken,
-) {
+    drain: CancellationToken,
+) -> Option<drain::Drained> {
     let mut delay = cfg.backoff_initial;
+    let mut tls_checked = false;
+    let stop = {
+        // A drain stops the reconnect loop too.
+        let any = CancellationToken::new();
+        let (a, s, d) = (any.clone(), stop.clone(), drain.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = s.cancelled() => {}
+                _ = d.cancelled() => {}
+            }
+            a.cancel();
+        });
+        any
+    };
     loop {
         let attempt = tokio::select! {
-            r = connect(&cfg, &expose, &tls) => r,
-            _ = stop.cancelled() => return,
+            r = connect(&cfg, &forwarder, &tls) => r,
+            _ = stop.cancelled() => return None,
         };
         match attempt {
             Ok(client) => {
@@ -203,12 +256,30 @@ async fn run_loop(
                     Err(status) => {
                         // Connected but unnamed would leave callers with
                         // NOT_FOUND for ever: start over with a new session.
-                        tracing::warn!(%status, retry_in = ?delay, "announcing to the hub failed; reconnecting");
+                        if tls.is_none()
+                            && matches!(
+                                status.code(),
+                                tonic::Code::Unavailable
+                                    | tonic::Code::Cancelled
+                                    | tonic::Code::Unknown
+                            )
+                            && !tls_checked
+                        {
+                            tls_checked = true;
+                            if probe::hub_speaks_tls(&cfg.hub, Duration::from_secs(2)).await {
+                                tracing::error!(hub = %cfg.hub, "the hub speaks TLS but this agent connects in plaintext: pass --tls-ca (and --tls-server-name if needed)");
+                            }
+                        }
+                        if status.code() == tonic::Code::ResourceExhausted {
+                            tracing::warn!(reason = status.message(), retry_in = ?delay, "the hub refused this agent; retrying");
+                        } else {
+                            tracing::warn!(%status, retry_in = ?delay, "announcing to the hub failed; reconnecting");
+                        }
                         client.close();
                         let jittered = delay.mul_f64(0.5 + fastrand::f64() * 0.5);
                         tokio::select! {
                             _ = tokio::time::sleep(jittered) => {}
-                            _ = stop.cancelled() => return,
+                            _ = stop.cancelled() => return None,
                         }
                         delay = (delay * 2).min(cfg.backoff_max);
                         continue;
@@ -225,9 +296,14 @@ async fn run_loop(
                         tracing::warn!(hub = %cfg.hub, "session to the hub ended; reconnecting");
                     }
                     _ = stop.cancelled() => {
+                        let drained = if drain.is_cancelled() {
+                            Some(drain::drain(&client, &forwarder, cfg.grace).await)
+                        } else {
+                            None
+                        };
                         client.close();
                         status.send_modify(|s| s.connected = false);
-                        return;
+                        return drained;
                     }
                 }
                 status.send_modify(|s| s.connected = false);
@@ -239,14 +315,15 @@ async fn run_loop(
                 }
             }
             Err(err) => {
-                tracing::warn!(hub = %cfg.hub, error = %err, retry_in = ?delay, "cannot connect to the hub");
+                let hint = connect_hint(&cfg, &err);
+                tracing::warn!(hub = %cfg.hub, error = %err, hint, retry_in = ?delay, "cannot connect to the hub");
             }
         }
         // Exponential backoff with full jitter in [delay/2, delay].
         let jittered = delay.mul_f64(0.5 + fastrand::f64() * 0.5);
         tokio::select! {
             _ = tokio::time::sleep(jittered) => {}
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => return None,
         }
         delay = (delay * 2).min(cfg.backoff_max);
     }
@@ -283,6 +360,34 @@ async fn announce(
         }
         Err(s) => Err(s),
     }
+}
+
+/// A hint for a failed connect, when the error says more than it shows: TLS
+/// on one side only.
+fn connect_hint(cfg: &AgentConfig, err: &backchannel::Error) -> &'static str {
+    let text = error_chain(err).to_ascii_lowercase();
+    if cfg.tls_ca.is_some() {
+        if text.contains("corrupt message")
+            || text.contains("invalidcontenttype")
+            || text.contains("wrong version")
+            || text.contains("unexpected eof")
+            || text.contains("handshake")
+        {
+            return "TLS handshake with the hub failed: is the hub serving plaintext (started without --tls-cert)? Then drop --tls-ca";
+        }
+    }
+    ""
+}
+
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = err.to_string();
+    let mut src = err.source();
+    while let Some(e) = src {
+        s.push_str(": ");
+        s.push_str(&e.to_string());
+        src = e.source();
+    }
+    s
 }
 
 fn host_of(addr: &str) -> &str {
@@ -330,6 +435,7 @@ pub fn expose_channel(expose: &str) -> anyhow::Result<Channel> {
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let (name, hub, expose) = (cfg.name.clone(), cfg.hub.clone(), cfg.expose.clone());
+    let grace = cfg.grace;
     let agent = Agent::start(cfg)?;
     let mut rx = agent.status.clone();
     let report = async move {
@@ -357,62 +463,75 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         _ = crate::signal::shutdown() => {}
         _ = report => {}
     }
-    println!("agent stopping");
-    agent.stop().await;
+    println!(
+        "agent draining (grace {:?}; a second signal stops at once)",
+        grace
+    );
+    let drain = agent.drain();
+    tokio::select! {
+        d = drain => match d {
+            Some(d) if d.cut > 0 => println!("agent stopped; {} call(s) cut at the end of the grace period", d.cut),
+            Some(_) => println!("agent stopped; every call finished"),
+            None => println!("agent stopped"),
+        },
+        _ = crate::signal::shutdown() => println!("agent stopped at once (second signal)"),
+    }
     Ok(())
 }
 
 /// Command-line flags of `backchannel agent`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct AgentArgs {
-    /// The hub: `host:port` or `unix:PATH`.
-    #[arg(long, value_name = "ADDR")]
+    /// The hub: `host:port`, `tcp://host:port` or `unix:PATH`.
+    #[arg(long, value_name = "ADDR", value_parser = crate::hub::flags::hub_addr)]
     pub hub: String,
     /// The name callers use in `backchannel-peer`.
     #[arg(long)]
     pub name: String,
     /// A label `key=value` announced with the name (repeatable).
-    #[arg(long = "label", value_name = "KEY=VALUE")]
-    pub labels: Vec<String>,
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = crate::hub::flags::label)]
+    pub labels: Vec<(String, String)>,
     /// The local gRPC server to publish: `host:port`, `http://host:port` or
     /// `unix:PATH`.
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", value_parser = crate::hub::flags::expose_addr)]
     pub expose: String,
     /// PEM CA certificate(s) to verify the hub with: enables TLS.
     #[arg(long, value_name = "FILE")]
     pub tls_ca: Option<PathBuf>,
     /// PEM client certificate, for hubs started with --client-ca.
-    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    #[arg(long, value_name = "FILE", requires = "tls_key", requires = "tls_ca")]
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of --tls-cert.
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
     /// The hub's name in its certificate (default: the host part of --hub).
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", requires = "tls_ca")]
     pub tls_server_name: Option<String>,
-    /// Largest delay between reconnect attempts, in seconds.
-    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
-    pub max_backoff: f64,
+    /// Largest delay between reconnect attempts (seconds, or 500ms, 1m; at
+    /// least 0.1 s).
+    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = crate::hub::flags::backoff_seconds, allow_hyphen_values = true)]
+    pub max_backoff: Duration,
+    /// On SIGINT/SIGTERM, how long calls in flight may take to finish after
+    /// the agent told the hub it is leaving (0: do not wait).
+    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = crate::hub::flags::seconds_or_zero, allow_hyphen_values = true)]
+    pub grace: Duration,
 }
 
 impl AgentArgs {
     /// The agent configuration these flags describe.
     pub fn into_config(self) -> anyhow::Result<AgentConfig> {
-        let mut labels = Vec::new();
-        for l in &self.labels {
-            let (k, v) = l
-                .split_once('=')
-                .with_context(|| format!("--label '{l}' is not KEY=VALUE"))?;
-            labels.push((k.to_string(), v.to_string()));
-        }
         let mut cfg = AgentConfig::new(self.hub, self.name, self.expose);
-        cfg.labels = labels;
+        cfg.labels = self.labels;
         cfg.tls_ca = self.tls_ca;
         cfg.tls_cert = self.tls_cert;
         cfg.tls_key = self.tls_key;
         cfg.tls_server_name = self.tls_server_name;
-        cfg.backoff_max = Duration::try_from_secs_f64(self.max_backoff.max(0.01))
-            .map_err(|_| anyhow::anyhow!("--max-backoff must be a finite number of seconds"))?;
+        cfg.backoff_max = self.max_backoff;
+        cfg.backoff_initial = cfg.backoff_initial.min(cfg.backoff_max);
+        cfg.grace = self.grace.min(Duration::from_secs(365 * 86400));
+        let labels: HashMap<String, String> = cfg.labels.iter().cloned().collect();
+        crate::hub::state::validate_announcement(&cfg.name, &labels)
+            .map_err(|s| anyhow::anyhow!("--name/--label: {}", s.message()))?;
         Ok(cfg)
     }
 }

@@ -10,7 +10,8 @@ use crate::{
     hub::state::HubState,
     pb::hub::{
         peer_event::Kind, peers_server::Peers, registration_server::Registration, AnnounceRequest,
-        AnnounceResponse, ListPeersRequest, ListPeersResponse, PeerEvent, WatchPeersRequest,
+        AnnounceResponse, LeaveRequest, LeaveResponse, ListPeersRequest, ListPeersResponse,
+        PeerEvent, WatchPeersRequest,
     },
 };
 
@@ -78,6 +79,17 @@ impl Registration for HubApi {
         Ok(Response::new(AnnounceResponse {
             peer_id: id.get(),
             replaced_peer_id: replaced.map_or(0, |r| r.get()),
+        }))
+    }
+
+    async fn leave(
+        &self,
+        request: Request<LeaveRequest>,
+    ) -> Result<Response<LeaveResponse>, Status> {
+        let id = backchannel::RequestExt::peer_id(&request)?;
+        let in_flight = self.state.leave(id)?;
+        Ok(Response::new(LeaveResponse {
+            calls_in_flight: in_flight,
         }))
     }
 }

@@ -44,6 +44,10 @@ pub struct Metrics {
     pub bytes_to_peers: Counter,
     /// Response bytes routed back from peers.
     pub bytes_from_peers: Counter,
+    /// Sessions closed because they did not announce within `--announce-timeout`.
+    pub announce_timeouts: Counter,
+    /// Heap trims after peers left.
+    pub heap_trims: Counter,
     calls: Family<CodeLabel, Counter>,
     bytes: Family<DirectionLabel, Counter>,
 }
@@ -58,6 +62,8 @@ impl Default for Metrics {
             streams_opened: Counter::default(),
             bytes_to_peers: dir("to_peer"),
             bytes_from_peers: dir("from_peer"),
+            announce_timeouts: Counter::default(),
+            heap_trims: Counter::default(),
             calls: Family::default(),
             bytes,
         }
@@ -93,6 +99,16 @@ impl Metrics {
             "backchannel_hub_calls",
             "Routed calls by final gRPC status (including routing failures)",
             self.calls.clone(),
+        );
+        registry.register(
+            "backchannel_hub_announce_timeouts",
+            "Sessions closed because they did not announce a name within --announce-timeout",
+            self.announce_timeouts.clone(),
+        );
+        registry.register(
+            "backchannel_hub_heap_trims",
+            "Heap trims after peers left",
+            self.heap_trims.clone(),
         );
         registry.register(
             "backchannel_hub_bytes",
@@ -177,8 +193,27 @@ impl Collector for MuxCollector {
                 ("sniff_timeout", s.sniff_timeouts),
                 ("sniff_error", s.sniff_errors),
                 ("overload", s.rejected_overload),
+                ("source_limit", s.rejected_source_limit),
+                ("evicted", s.evicted),
             ],
-        )
+        )?;
+        encode_counters(
+            &mut encoder,
+            "backchannel_hub_pending_refused",
+            "New connections closed at once: their source had its share of pending slots (source_limit), or all slots were taken and their source held the most (overload)",
+            "reason",
+            &[
+                ("source_limit", s.rejected_source_limit),
+                ("overload", s.rejected_overload),
+            ],
+        )?;
+        let m = encoder.encode_descriptor(
+            "backchannel_hub_pending_evicted",
+            "Pending connections closed to make room for a newcomer from a source holding fewer",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        ConstCounter::new(s.evicted).encode(m)
     }
 }
 

@@ -3,6 +3,10 @@
 //! backchannel, and serves health, reflection and the admin API.
 
 pub mod admin;
+pub mod drain;
+pub mod flags;
+pub mod isolation;
+pub mod limits;
 pub mod metrics;
 pub mod routing;
 pub mod state;
@@ -44,9 +48,32 @@ pub struct HubConfig {
     pub metrics: Option<String>,
     /// How long in-flight calls may run on shutdown.
     pub grace: Duration,
-    /// Most agents connected at once; further handshakes are refused.
+    /// Most agents connected at once; further handshakes are refused (the
+    /// agent's announce gets `RESOURCE_EXHAUSTED` naming the limit).
     pub max_peers: usize,
+    /// How long a new connection may take to send its first bytes (and finish
+    /// TLS), and then a backchannel client to open stream 1 and send its
+    /// HTTP/2 preface and SETTINGS: only then is it a peer. Default 10 s.
+    pub handshake_timeout: Duration,
+    /// Connections being sniffed or handshaked at once, all sources
+    /// together. Default 1024.
+    pub max_pending: usize,
+    /// Of those, the most one source (IPv4 address, IPv6 /64) may hold;
+    /// when all are taken, a newcomer from a smaller source evicts the
+    /// biggest source's oldest. Default 256.
+    pub max_pending_per_source: usize,
+    /// Close sessions that have not announced a name this long after their
+    /// handshake. `None` (the default on an open hub): Gitaly-style clients
+    /// that never announce stay connected and routable by peer ID.
+    pub announce_timeout: Option<Duration>,
+    /// How many caller connections get an upstream connection of their own
+    /// to each peer (see [`isolation`]); further ones share the peer's
+    /// common connection. 0 turns isolation off. Default 128.
+    pub isolated_callers_per_peer: usize,
 }
+
+/// Default of [`HubConfig::handshake_timeout`].
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Default for HubConfig {
     fn default() -> Self {
@@ -59,6 +86,11 @@ impl Default for HubConfig {
             metrics: None,
             grace: Duration::from_secs(10),
             max_peers: 10_000,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_pending: 1024,
+            max_pending_per_source: 256,
+            announce_timeout: None,
+            isolated_callers_per_peer: isolation::DEFAULT_ISOLATED_CALLERS_PER_PEER,
         }
     }
 }
@@ -70,6 +102,7 @@ pub struct Hub {
     /// The bound metrics address, if any.
     pub metrics_addr: Option<SocketAddr>,
     state: Arc<HubState>,
+    stats: Arc<listenmux::Stats>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
@@ -99,6 +132,8 @@ impl<S: Stream + Unpin> Stream for Drainable<S> {
 use std::future::Future as _;
 
 type ConnStream = Pin<Box<dyn Stream<Item = Result<Connection, std::io::Error>> + Send>>;
+type CallerStream =
+    Pin<Box<dyn Stream<Item = Result<isolation::CallerConn, std::io::Error>> + Send>>;
 
 impl Hub {
     /// Binds the listeners and starts serving.
@@ -110,11 +145,23 @@ impl Hub {
         let metrics = Arc::new(metrics::Metrics::default());
         let state = HubState::new(registry.clone(), metrics);
         let events = state.spawn_event_loop();
+        state.set_supersede_grace(cfg.grace);
+        let mut side_tasks = vec![limits::spawn_heap_trimmer(state.clone())];
+        if let Some(t) = cfg.announce_timeout {
+            side_tasks.push(limits::spawn_announce_deadline(state.clone(), t));
+        }
+        let isolation = isolation::Isolation::new(cfg.isolated_callers_per_peer);
 
-        let mut mux = ListenMux::builder().handshaker(
-            ServerHandshaker::new(registry.clone(), SessionConfig::server())
-                .with_max_peers(cfg.max_peers),
-        );
+        let session = SessionConfig::server().with_handshake_timeout(cfg.handshake_timeout);
+        let mut mux = ListenMux::builder()
+            .sniff_timeout(cfg.handshake_timeout)
+            .max_pending(cfg.max_pending.max(1))
+            .source_limits(
+                listenmux::SourceLimits::default().with_max_per_source(cfg.max_pending_per_source),
+            )
+            .handshaker(
+                ServerHandshaker::new(registry.clone(), session).with_max_peers(cfg.max_peers),
+            );
         match (&cfg.tls_cert, &cfg.tls_key) {
             (Some(c), Some(k)) => {
                 let tls = crate::tls::server_config(c, k, cfg.client_ca.as_deref())?;
@@ -143,7 +190,9 @@ impl Hub {
                 .with_context(|| format!("listening on {}", path.display()))?;
             streams.push(Box::pin(mux.clone().incoming(l)));
         }
-        let incoming = futures::stream::select_all(streams);
+        let iso = isolation.clone();
+        let incoming = futures::stream::select_all(streams)
+            .map(move |c| c.map(|c| isolation::CallerConn::new(c, &iso)));
 
         let mut metrics_addr = None;
         let metrics_task = match &cfg.metrics {
@@ -184,11 +233,11 @@ impl Hub {
         let stop_accepting = CancellationToken::new();
         let stop_conns = CancellationToken::new();
         let incoming = Drainable {
-            inner: Some(incoming),
+            inner: Some(Box::pin(incoming) as CallerStream),
             stop: Box::pin(stop_accepting.clone().cancelled_owned()),
         };
         let server = Server::builder()
-            .trace_fn(backchannel::request_span)
+            .trace_fn(isolation::request_span)
             // Bounds per caller connection, and dead callers are noticed even
             // when they hold streams open.
             .max_concurrent_streams(Some(1024))
@@ -244,6 +293,9 @@ impl Hub {
             if let Some(t) = metrics_task {
                 t.abort();
             }
+            for t in side_tasks {
+                t.abort();
+            }
             events.abort();
             if let Some(path) = unix {
                 let _ = std::fs::remove_file(path);
@@ -253,6 +305,7 @@ impl Hub {
             addr,
             metrics_addr,
             state,
+            stats,
             shutdown,
             task,
         })
@@ -261,6 +314,11 @@ impl Hub {
     /// The hub's view of its peers.
     pub fn state(&self) -> &Arc<HubState> {
         &self.state
+    }
+
+    /// The listener's counters (connections accepted, refused, evicted...).
+    pub fn mux_stats(&self) -> listenmux::StatsSnapshot {
+        self.stats.snapshot()
     }
 
     /// The core registry (for reverse calls from the hub itself).
@@ -323,13 +381,13 @@ pub async fn run(cfg: HubConfig) -> anyhow::Result<()> {
 #[derive(clap::Args, Debug, Clone)]
 pub struct HubArgs {
     /// TCP address for agents and gRPC callers (one port for both).
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7443")]
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7443", value_parser = flags::host_port)]
     pub listen: String,
     /// Also (or, with --no-tcp, only) listen on this Unix socket.
     #[arg(long, value_name = "PATH")]
     pub unix: Option<PathBuf>,
     /// Do not listen on TCP (use with --unix).
-    #[arg(long)]
+    #[arg(long, requires = "unix")]
     pub no_tcp: bool,
     /// PEM certificate chain: serve TLS on every listener.
     #[arg(long, value_name = "FILE", requires = "tls_key")]
@@ -341,14 +399,36 @@ pub struct HubArgs {
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     pub client_ca: Option<PathBuf>,
     /// Serve Prometheus metrics (text format) on this address, at /metrics.
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", value_parser = flags::host_port)]
     pub metrics: Option<String>,
-    /// On SIGINT/SIGTERM, how long in-flight calls may take to finish.
-    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
-    pub grace: f64,
-    /// Most agents connected at once; further agents are refused (and retry).
-    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    /// On SIGINT/SIGTERM, how long in-flight calls may take to finish
+    /// (seconds, or 500ms, 2m; 0: do not wait; inf: no limit).
+    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = flags::seconds_or_zero, allow_hyphen_values = true)]
+    pub grace: Duration,
+    /// Most agents connected at once (at least 1); further agents are
+    /// refused with a message naming the limit (and retry).
+    #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = flags::at_least_one, allow_hyphen_values = true)]
     pub max_peers: usize,
+    /// How long a new connection may take to finish TLS and send its first
+    /// bytes, and a backchannel client then to start HTTP/2 (more than 0).
+    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = flags::positive_seconds, allow_hyphen_values = true)]
+    pub handshake_timeout: Duration,
+    /// Connections being sniffed or handshaked at once (at least 1).
+    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = flags::at_least_one, allow_hyphen_values = true)]
+    pub max_pending: usize,
+    /// Of those, the most one source address (IPv6: /64) may hold (at least 1).
+    #[arg(long, value_name = "N", default_value_t = 256, value_parser = flags::at_least_one, allow_hyphen_values = true)]
+    pub max_pending_per_source: usize,
+    /// Close sessions that have not announced a name this long after their
+    /// handshake (more than 0). Default: off, so clients that never
+    /// announce (Gitaly-style) stay routable by peer ID.
+    #[arg(long, value_name = "SECONDS", value_parser = flags::positive_seconds, allow_hyphen_values = true)]
+    pub announce_timeout: Option<Duration>,
+    /// Caller connections that get an upstream connection of their own to
+    /// each peer, so a caller that stops reading cannot stall the others
+    /// (0: all callers share one connection per peer).
+    #[arg(long, value_name = "N", default_value_t = isolation::DEFAULT_ISOLATED_CALLERS_PER_PEER, value_parser = flags::count, allow_hyphen_values = true)]
+    pub isolated_callers_per_peer: usize,
 }
 
 impl HubArgs {
@@ -362,9 +442,13 @@ impl HubArgs {
             client_ca: self.client_ca,
             metrics: self.metrics,
             max_peers: self.max_peers,
-            // `inf` (or anything too large) means "wait as long as it takes".
-            grace: Duration::try_from_secs_f64(self.grace.max(0.0))
-                .unwrap_or(Duration::from_secs(365 * 86400)),
+            // `inf` means "wait as long as it takes".
+            grace: self.grace.min(Duration::from_secs(365 * 86400)),
+            handshake_timeout: self.handshake_timeout,
+            max_pending: self.max_pending,
+            max_pending_per_source: self.max_pending_per_source,
+            announce_timeout: self.announce_timeout,
+            isolated_callers_per_peer: self.isolated_callers_per_peer,
         }
     }
 }

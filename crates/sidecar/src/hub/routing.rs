@@ -16,7 +16,7 @@ use tower::{Layer, Service, ServiceExt};
 pub const PEER_HEADER: &str = "backchannel-peer";
 
 use crate::{
-    hub::state::HubState,
+    hub::{isolation::CallerInfo, state::HubState},
     router::{deadline_of, forward, status_response, BoxFuture},
 };
 
@@ -66,7 +66,12 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
+        // The services behind the router see the connection's plain ConnInfo.
+        let caller = req.extensions_mut().remove::<CallerInfo>();
+        if let Some(c) = &caller {
+            req.extensions_mut().insert(c.info.clone());
+        }
         let Some(target) = req.headers().get(PEER_HEADER) else {
             let inner = self.inner.clone();
             return Box::pin(inner.oneshot(req));
@@ -89,10 +94,14 @@ where
                 "the hub is shutting down; not routing to '{target}'"
             )));
         }
-        let route = match state.resolve(target) {
+        let mut route = match state.resolve(target) {
             Ok(r) => r,
             Err(status) => return reject(status),
         };
+        // This caller's own connection to the peer, when it may have one.
+        if let Some(own) = caller.and_then(|c| c.scope.channel(state.registry(), route.peer)) {
+            route.channel = own;
+        }
         let mut req = req;
         req.headers_mut().remove(PEER_HEADER);
         Box::pin(async move {

@@ -7,6 +7,7 @@ use std::{
         atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
         Arc, Mutex,
     },
+    time::Duration,
 };
 
 use backchannel::{PeerEvent, PeerId, PeerInfo, Registry};
@@ -30,6 +31,11 @@ pub struct PeerCounters {
     pub bytes_to_peer: AtomicU64,
     /// Response bytes received from the peer.
     pub bytes_from_peer: AtomicU64,
+    /// The peer is leaving (it said so, or a newer session took its name):
+    /// no new calls are routed to it.
+    pub leaving: AtomicBool,
+    /// Notified when `in_flight` drops to zero.
+    pub idle: Notify,
 }
 
 struct Entry {
@@ -56,10 +62,14 @@ pub struct HubState {
     draining: AtomicBool,
     in_flight: AtomicI64,
     idle: Notify,
+    /// How long a superseded session's calls may run (milliseconds).
+    supersede_grace_ms: AtomicU64,
 }
 
 /// Where a routed call goes.
 pub struct Route {
+    /// The peer's ID.
+    pub peer: PeerId,
     /// The peer's backchannel.
     pub channel: Channel,
     /// "peer 'name' (id N)", for messages.
@@ -81,6 +91,7 @@ impl HubState {
             draining: AtomicBool::new(false),
             in_flight: AtomicI64::new(0),
             idle: Notify::new(),
+            supersede_grace_ms: AtomicU64::new(10_000),
         })
     }
 
@@ -221,7 +232,10 @@ impl HubState {
         tracing::info!(peer = id.get(), name = %event.name, replaced = ?replaced, "peer announced");
         self.emit(Kind::Announced, event);
         if let Some(old) = replaced {
-            self.registry.close(old);
+            // Drained like a leaving peer: calls in flight finish (within
+            // the grace period), new ones go to the new session.
+            let grace = Duration::from_millis(self.supersede_grace_ms.load(Ordering::Relaxed));
+            crate::hub::drain::retire(self, old, grace);
         }
         Ok(replaced)
     }
@@ -232,6 +246,42 @@ impl HubState {
         let mut v: Vec<Peer> = t.peers.values().map(to_pb).collect();
         v.sort_by_key(|p| p.id);
         v
+    }
+
+    /// How long calls in flight on a superseded session may run before it
+    /// is closed (the hub's grace period).
+    pub fn set_supersede_grace(&self, grace: Duration) {
+        let ms = grace.as_millis().min(u128::from(u64::MAX)) as u64;
+        self.supersede_grace_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// See [`set_supersede_grace`](Self::set_supersede_grace).
+    pub fn supersede_grace(&self) -> Duration {
+        Duration::from_millis(self.supersede_grace_ms.load(Ordering::Relaxed))
+    }
+
+    /// The counters of peer `id`, if it is known.
+    pub fn counters_of(&self, id: PeerId) -> Option<Arc<PeerCounters>> {
+        self.tables().peers.get(&id).map(|e| e.counters.clone())
+    }
+
+    /// Takes `id`'s name away from it (if it still holds one).
+    pub(crate) fn unname(&self, id: PeerId) {
+        let mut t = self.tables();
+        let Some(name) = t.peers.get_mut(&id).map(|e| std::mem::take(&mut e.name)) else {
+            return;
+        };
+        if t.names.get(&name) == Some(&id) {
+            t.names.remove(&name);
+        }
+    }
+
+    /// Whether peer `id` is connected and has announced a name.
+    pub fn is_announced(&self, id: PeerId) -> bool {
+        self.tables()
+            .peers
+            .get(&id)
+            .is_some_and(|e| !e.name.is_empty())
     }
 
     /// The peer holding `name`, if any.
@@ -283,7 +333,13 @@ impl HubState {
             .get(&id)
             .map(|e| e.counters.clone())
             .ok_or_else(|| Status::unavailable(format!("{label} is gone")))?;
+        if counters.leaving.load(Ordering::SeqCst) {
+            return Err(Status::unavailable(format!(
+                "{label} is leaving (draining its calls); not routing new calls to it"
+            )));
+        }
         Ok(Route {
+            peer: id,
             channel,
             label,
             observer: Arc::new(CallGuard::start(self.clone(), counters)),
@@ -384,7 +440,7 @@ struct CallGuard {
 
 impl CallGuard {
     fn start(state: Arc<HubState>, counters: Arc<PeerCounters>) -> Self {
-        counters.in_flight.fetch_add(1, Ordering::Relaxed);
+        counters.in_flight.fetch_add(1, Ordering::SeqCst);
         counters.calls.fetch_add(1, Ordering::Relaxed);
         state.in_flight.fetch_add(1, Ordering::SeqCst);
         state.metrics.streams_opened.inc();
@@ -410,7 +466,9 @@ impl CallObserver for CallGuard {
 
 impl Drop for CallGuard {
     fn drop(&mut self) {
-        self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if self.counters.in_flight.fetch_sub(1, Ordering::SeqCst) <= 1 {
+            self.counters.idle.notify_waiters();
+        }
         if self.state.in_flight.fetch_sub(1, Ordering::SeqCst) <= 1 {
             self.state.idle.notify_waiters();
         }

@@ -1,0 +1,68 @@
+//! The agent's drain: tell the hub we are leaving, let the calls in flight
+//! finish (within the grace period), then close the session.
+
+use std::time::Duration;
+
+use backchannel::Client;
+
+use crate::{
+    agent::isolate::PerConnection,
+    pb::hub::{registration_client::RegistrationClient, LeaveRequest},
+};
+
+/// How a drain went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Drained {
+    /// Whether the hub acknowledged the leave (false against a hub without
+    /// `Registration.Leave`, or one that is gone).
+    pub hub_told: bool,
+    /// Calls still running when the grace period ran out (0: all finished).
+    pub cut: usize,
+}
+
+/// Drains `client`'s session: `Registration.Leave`; the hub then routes no
+/// new calls here and closes the session once it has received the end of
+/// every call in flight. Waits for that (or, against a hub without `Leave`,
+/// for the forwarded calls to finish), at most `grace`, then closes the
+/// session.
+pub async fn drain(client: &Client, forwarder: &PerConnection, grace: Duration) -> Drained {
+    let deadline = tokio::time::Instant::now() + grace;
+    let mut rc = RegistrationClient::new(client.channel());
+    let mut req = tonic::Request::new(LeaveRequest {});
+    req.set_timeout(grace.clamp(Duration::from_millis(100), Duration::from_secs(5)));
+    let hub_told = match tokio::time::timeout_at(deadline, rc.leave(req)).await {
+        Ok(Ok(r)) => {
+            tracing::info!(
+                in_flight = r.get_ref().calls_in_flight,
+                "told the hub we are leaving; draining"
+            );
+            true
+        }
+        Ok(Err(status)) => {
+            tracing::warn!(%status, "the hub did not take the leave; draining anyway");
+            false
+        }
+        Err(_) => false,
+    };
+    let done = async {
+        if hub_told {
+            client.closed().await;
+        } else {
+            forwarder.wait_idle().await;
+        }
+    };
+    let cut = match tokio::time::timeout_at(deadline, done).await {
+        Ok(()) => forwarder.in_flight(),
+        Err(_) => {
+            let n = forwarder.in_flight();
+            tracing::warn!(
+                in_flight = n,
+                ?grace,
+                "grace period over; cutting the remaining calls"
+            );
+            n
+        }
+    };
+    client.close();
+    Drained { hub_told, cut }
+}

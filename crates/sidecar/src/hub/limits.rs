@@ -1,0 +1,99 @@
+//! Hub-side limits that run beside the router: the announce deadline, and
+//! giving freed memory back after many peers leave.
+
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use backchannel::PeerEvent;
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::hub::state::HubState;
+
+/// Closes every session that has not announced a name within `timeout` of
+/// its handshake. Runs until aborted.
+///
+/// Sessions are checked every quarter of the timeout (at least every
+/// second, at most every 50 ms), so one is closed between `timeout` and
+/// `1.25 × timeout` after it became a peer.
+pub fn spawn_announce_deadline(
+    state: Arc<HubState>,
+    timeout: Duration,
+) -> tokio::task::JoinHandle<()> {
+    let every = (timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let now = SystemTime::now();
+            for p in state.registry().list() {
+                let age = now.duration_since(p.connected_at).unwrap_or_default();
+                if age >= timeout && !state.is_announced(p.id) {
+                    state.metrics.announce_timeouts.inc();
+                    tracing::info!(
+                        peer = p.id.get(),
+                        ?timeout,
+                        "closing a session that did not announce a name in time"
+                    );
+                    state.registry().close(p.id);
+                }
+            }
+        }
+    })
+}
+
+/// After this many peers have left since the last trim, the heap is trimmed.
+const TRIM_AFTER_LEAVES: u64 = 512;
+
+/// Gives freed heap memory back to the OS after many peers have left (or the
+/// last one has), at most once a second: glibc keeps freed memory in its
+/// arenas, so without this the hub's RSS stays at its peak after a burst of
+/// sessions. A trim takes a few milliseconds on a blocking thread. Runs until
+/// aborted; a no-op where the allocator is not glibc's.
+pub fn spawn_heap_trimmer(state: Arc<HubState>) -> tokio::task::JoinHandle<()> {
+    let mut events = state.registry().subscribe();
+    tokio::spawn(async move {
+        let mut left = 0u64;
+        let mut last = tokio::time::Instant::now();
+        loop {
+            match events.recv().await {
+                Ok(PeerEvent::Disconnected(_)) => left += 1,
+                Ok(PeerEvent::Connected(_)) => continue,
+                Err(RecvError::Lagged(n)) => left += n,
+                Err(RecvError::Closed) => return,
+            }
+            let due = left >= TRIM_AFTER_LEAVES || (left > 0 && state.registry().is_empty());
+            if !due {
+                continue;
+            }
+            // Let a burst of leaves finish first (bounded: at most 1 s).
+            let wait = Duration::from_secs(1).saturating_sub(last.elapsed());
+            tokio::time::sleep(wait.max(Duration::from_millis(100))).await;
+            while let Ok(ev) = events.try_recv() {
+                if matches!(ev, PeerEvent::Disconnected(_)) {
+                    left += 1;
+                }
+            }
+            let took = tokio::task::spawn_blocking(trim_heap)
+                .await
+                .unwrap_or_default();
+            state.metrics.heap_trims.inc();
+            tracing::debug!(peers_left = left, ?took, "trimmed the heap");
+            left = 0;
+            last = tokio::time::Instant::now();
+        }
+    })
+}
+
+/// Returns free heap pages to the OS (glibc's `malloc_trim`); how long it took.
+pub fn trim_heap() -> Duration {
+    let t = std::time::Instant::now();
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+    t.elapsed()
+}
