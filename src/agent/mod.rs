@@ -11,6 +11,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
+mod token;
+
 use crate::{pb::hub::registration_client::RegistrationClient, pb::hub::AnnounceRequest, router};
 
 /// A session that lasted this long resets the reconnect backoff.
@@ -40,6 +42,9 @@ pub struct AgentConfig {
     pub backoff_initial: Duration,
     /// Largest reconnect delay.
     pub backoff_max: Duration,
+    /// A file holding the bearer token sent on Announce (re-read on every
+    /// connect, so it can be rotated in place).
+    pub token_file: Option<PathBuf>,
 }
 
 impl AgentConfig {
@@ -56,6 +61,7 @@ impl AgentConfig {
             tls_server_name: None,
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
+            token_file: None,
         }
     }
 }
@@ -90,6 +96,10 @@ impl Agent {
         crate::hub::state::validate_announcement(&cfg.name, &labels)
             .map_err(|s| anyhow::anyhow!("--name/--label: {}", s.message()))?;
         let expose = expose_channel(&cfg.expose)?;
+        if let Some(path) = &cfg.token_file {
+            token::read(path)?;
+            token::check_transport(&cfg.hub, cfg.tls_ca.is_some())?;
+        }
         let tls = match &cfg.tls_ca {
             Some(ca) => {
                 let cert_key = match (&cfg.tls_cert, &cfg.tls_key) {
@@ -265,6 +275,12 @@ async fn announce(
         name: cfg.name.clone(),
         labels,
     });
+    if let Some(path) = &cfg.token_file {
+        let value = token::read(path)
+            .and_then(|t| token::header_value(&t))
+            .map_err(|e| tonic::Status::failed_precondition(format!("{e:#}")))?;
+        req.metadata_mut().insert("authorization", value);
+    }
     req.set_timeout(Duration::from_secs(10));
     match rc.announce(req).await {
         Ok(r) => {
@@ -272,6 +288,7 @@ async fn announce(
             if r.replaced_peer_id != 0 {
                 tracing::info!(
                     replaced = r.replaced_peer_id,
+                    generation = r.generation,
                     "took the name over from an older session"
                 );
             }
@@ -411,6 +428,10 @@ pub struct AgentArgs {
     /// Largest delay between reconnect attempts, in seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
     pub max_backoff: f64,
+    /// A file holding a bearer token for hubs with an access policy; sent on
+    /// Announce (only over TLS, or to a loopback or Unix-socket hub).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
 }
 
 impl AgentArgs {
@@ -429,6 +450,7 @@ impl AgentArgs {
         cfg.tls_cert = self.tls_cert;
         cfg.tls_key = self.tls_key;
         cfg.tls_server_name = self.tls_server_name;
+        cfg.token_file = self.token_file;
         cfg.backoff_max = Duration::try_from_secs_f64(self.max_backoff.max(0.01))
             .map_err(|_| anyhow::anyhow!("--max-backoff must be a finite number of seconds"))?;
         Ok(cfg)

@@ -7,7 +7,7 @@ use tokio::sync::broadcast;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    hub::state::HubState,
+    hub::{access::Access, audit, state::HubState},
     pb::hub::{
         peer_event::Kind, peers_server::Peers, registration_server::Registration, AnnounceRequest,
         AnnounceResponse, ListPeersRequest, ListPeersResponse, PeerEvent, WatchPeersRequest,
@@ -19,6 +19,8 @@ use crate::{
 pub struct HubApi {
     /// The hub's state.
     pub state: Arc<HubState>,
+    /// Who may announce which name.
+    pub access: Arc<Access>,
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<PeerEvent, Status>> + Send + 'static>>;
@@ -73,11 +75,40 @@ impl Registration for HubApi {
         request: Request<AnnounceRequest>,
     ) -> Result<Response<AnnounceResponse>, Status> {
         let id = backchannel::peer_id(&request)?;
+        let info = request.extensions().get::<listenmux::ConnInfo>();
+        let metrics = &self.state.metrics;
+        let identity = match self.access.identify(info, request.metadata().as_ref()) {
+            Ok(i) => i,
+            Err(d) => {
+                audit::refused(metrics, &d, None, "announce", &request.get_ref().name);
+                return Err(d.status);
+            }
+        };
         let r = request.into_inner();
-        let replaced = self.state.announce(id, r.name, r.labels)?;
+        if let Err(d) = self.access.authorize_announce(&identity, &r.name) {
+            audit::refused(metrics, &d, Some(&identity), "announce", &r.name);
+            return Err(d.status);
+        }
+        let name = r.name.clone();
+        let done = match self.state.announce(id, r.name, r.labels, &identity) {
+            Ok(a) => a,
+            Err(status) => {
+                if status.code() == tonic::Code::PermissionDenied {
+                    let d = crate::hub::access::Denial {
+                        status,
+                        reason: "name_owned",
+                    };
+                    audit::refused(metrics, &d, Some(&identity), "announce", &name);
+                    return Err(d.status);
+                }
+                return Err(status);
+            }
+        };
+        audit::announced(&identity, &name, id, done.generation, done.replaced);
         Ok(Response::new(AnnounceResponse {
             peer_id: id,
-            replaced_peer_id: replaced.unwrap_or(0),
+            replaced_peer_id: done.replaced.unwrap_or(0),
+            generation: done.generation,
         }))
     }
 }

@@ -34,6 +34,7 @@ pub struct Metrics {
     /// Response bytes routed back from peers.
     pub bytes_from_peers: AtomicU64,
     calls: Mutex<BTreeMap<&'static str, u64>>,
+    denied: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl Metrics {
@@ -45,6 +46,16 @@ impl Metrics {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .entry(name)
+            .or_default() += 1;
+    }
+
+    /// Counts a refusal by the access policy, by reason.
+    pub fn denied(&self, reason: &'static str) {
+        *self
+            .denied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(reason)
             .or_default() += 1;
     }
 }
@@ -140,6 +151,20 @@ pub fn render(state: &HubState, mux: &[Arc<Stats>]) -> String {
             ("direction=\"to_peer\"", r(&m.bytes_to_peers)),
             ("direction=\"from_peer\"", r(&m.bytes_from_peers)),
         ],
+    );
+    let denied: Vec<(String, u64)> = m
+        .denied
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|(k, v)| (format!("reason=\"{k}\""), *v))
+        .collect();
+    let denied: Vec<(&str, u64)> = denied.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    metric(
+        "backchannel_hub_denied_total",
+        "counter",
+        "Calls, announces and sessions refused by the access policy, by reason.",
+        &denied,
     );
     let s = mux
         .iter()

@@ -2,8 +2,13 @@
 //! gRPC callers; routes calls carrying `backchannel-peer` to that peer's
 //! backchannel, and serves health, reflection and the admin API.
 
+pub mod access;
 pub mod admin;
+pub mod announce_deadline;
+pub mod audit;
+pub mod identity;
 pub mod metrics;
+pub mod policy;
 pub mod routing;
 pub mod state;
 pub mod tls;
@@ -47,6 +52,14 @@ pub struct HubConfig {
     pub grace: Duration,
     /// Most agents connected at once; further handshakes are refused.
     pub max_peers: usize,
+    /// The access policy (TOML). Without one the hub is open, which it only
+    /// accepts on loopback and Unix sockets unless `allow_anyone` is set.
+    pub policy: Option<PathBuf>,
+    /// Run open (no policy) on a non-loopback address.
+    pub allow_anyone: bool,
+    /// Close sessions that have not announced within this time (zero: never).
+    /// `None`: 10 s with a policy, never without.
+    pub announce_timeout: Option<Duration>,
 }
 
 impl Default for HubConfig {
@@ -60,6 +73,9 @@ impl Default for HubConfig {
             metrics: None,
             grace: Duration::from_secs(10),
             max_peers: 10_000,
+            policy: None,
+            allow_anyone: false,
+            announce_timeout: None,
         }
     }
 }
@@ -71,6 +87,7 @@ pub struct Hub {
     /// The bound metrics address, if any.
     pub metrics_addr: Option<SocketAddr>,
     state: Arc<HubState>,
+    access: Arc<access::Access>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
@@ -107,6 +124,10 @@ impl Hub {
         if cfg.listen.is_none() && cfg.unix.is_none() {
             anyhow::bail!("nothing to listen on: give --listen and/or --unix");
         }
+        let access = match &cfg.policy {
+            Some(p) => access::Access::load(p)?,
+            None => access::Access::open(),
+        };
         let registry = Registry::new();
         let metrics = Arc::new(metrics::Metrics::default());
         let state = HubState::new(registry.clone(), metrics);
@@ -134,7 +155,15 @@ impl Hub {
             let l = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("listening on {listen}"))?;
-            addr = Some(l.local_addr()?);
+            let local = l.local_addr()?;
+            if !access.enforcing() && !cfg.allow_anyone && !local.ip().is_loopback() {
+                anyhow::bail!(
+                    "refusing to run an open hub on {local}: anyone who can reach it could call \
+                     every agent and take any name. Give --policy FILE, listen on loopback or \
+                     --unix, or pass --allow-anyone to run open anyway"
+                );
+            }
+            addr = Some(local);
             streams.push(Box::pin(mux.clone().incoming(l)));
         }
         if let Some(path) = &cfg.unix {
@@ -144,6 +173,20 @@ impl Hub {
             streams.push(Box::pin(mux.clone().incoming(l)));
         }
         let incoming = futures::stream::select_all(streams);
+        match access.path() {
+            Some(p) => tracing::info!(policy = %p.display(), "access policy in force"),
+            None if cfg.allow_anyone => tracing::warn!(
+                "no --policy and --allow-anyone: the hub is open to anyone who can reach it"
+            ),
+            None => tracing::warn!(
+                "no --policy: the hub is open (any local caller may call any agent); it listens on loopback/Unix only"
+            ),
+        }
+        let announce_timeout = cfg
+            .announce_timeout
+            .or(access.enforcing().then_some(Duration::from_secs(10)))
+            .filter(|t| !t.is_zero());
+        let deadline_task = announce_timeout.map(|t| announce_deadline::spawn(state.clone(), t));
 
         let mut metrics_addr = None;
         let metrics_task = match &cfg.metrics {
@@ -178,6 +221,7 @@ impl Hub {
             .context("building the reflection service")?;
         let api = admin::HubApi {
             state: state.clone(),
+            access: access.clone(),
         };
 
         let shutdown = CancellationToken::new();
@@ -198,7 +242,7 @@ impl Hub {
             // call cannot stall the others sharing the connection.
             .initial_stream_window_size(Some(backchannel::H2_STREAM_WINDOW))
             .initial_connection_window_size(Some(backchannel::H2_CONNECTION_WINDOW))
-            .layer(routing::RouterLayer::new(state.clone()))
+            .layer(routing::RouterLayer::new(state.clone(), access.clone()))
             .add_service(health_svc)
             .add_service(reflection)
             .add_service(reflection_alpha)
@@ -243,6 +287,9 @@ impl Hub {
                 t.abort();
             }
             events.abort();
+            if let Some(t) = deadline_task {
+                t.abort();
+            }
             if let Some(path) = unix {
                 let _ = std::fs::remove_file(path);
             }
@@ -251,9 +298,25 @@ impl Hub {
             addr,
             metrics_addr,
             state,
+            access,
             shutdown,
             task,
         })
+    }
+
+    /// Re-reads the policy file (what SIGHUP does). Sessions and calls stay;
+    /// on error the policy in force stays and the error names the line.
+    pub fn reload_policy(&self) -> Result<(), policy::PolicyError> {
+        let r = self.access.reload();
+        if let Some(p) = self.access.path() {
+            audit::policy_reloaded(p, &r.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+        }
+        r
+    }
+
+    /// Whether an access policy is in force.
+    pub fn enforcing(&self) -> bool {
+        self.access.enforcing()
     }
 
     /// The hub's view of its peers.
@@ -306,7 +369,25 @@ pub async fn run(cfg: HubConfig) -> anyhow::Result<()> {
     if let Some(m) = hub.metrics_addr {
         println!("metrics on http://{m}/metrics");
     }
-    crate::agent::wait_for_signal().await;
+    let stop = crate::agent::wait_for_signal();
+    let mut stop = std::pin::pin!(stop);
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = hup.recv() => {
+                if !hub.enforcing() {
+                    println!("SIGHUP: no --policy, nothing to reload");
+                    continue;
+                }
+                match hub.reload_policy() {
+                    Ok(()) => println!("policy reloaded"),
+                    Err(e) => println!("policy reload failed, the previous policy stays: {e}"),
+                }
+            }
+        }
+    }
     println!("shutting down (grace {:?})", cfg.grace);
     hub.shutdown().await;
     println!("hub stopped");
@@ -343,6 +424,19 @@ pub struct HubArgs {
     /// Most agents connected at once; further agents are refused (and retry).
     #[arg(long, value_name = "N", default_value_t = 10_000)]
     pub max_peers: usize,
+    /// Access policy (TOML): identities, who may announce which names, who
+    /// may call which peers and methods, admins. Reloaded on SIGHUP.
+    /// Without it the hub is open, and listens on loopback or Unix only.
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+    /// Run without --policy on a non-loopback address: anyone who can reach
+    /// the port may call every agent and take any name.
+    #[arg(long, conflicts_with = "policy")]
+    pub allow_anyone: bool,
+    /// Close sessions that do not announce a name within this time (0: never).
+    /// Default: 10 with --policy, 0 without.
+    #[arg(long, value_name = "SECONDS")]
+    pub announce_timeout: Option<f64>,
 }
 
 impl HubArgs {
@@ -356,6 +450,11 @@ impl HubArgs {
             client_ca: self.client_ca,
             metrics: self.metrics,
             max_peers: self.max_peers,
+            policy: self.policy,
+            allow_anyone: self.allow_anyone,
+            announce_timeout: self
+                .announce_timeout
+                .map(|s| Duration::try_from_secs_f64(s.max(0.0)).unwrap_or(Duration::ZERO)),
             // `inf` (or anything too large) means "wait as long as it takes".
             grace: Duration::try_from_secs_f64(self.grace.max(0.0))
                 .unwrap_or(Duration::from_secs(365 * 86400)),

@@ -11,20 +11,33 @@ use tonic::{body::Body, Status};
 use tower::{Layer, Service, ServiceExt};
 
 use crate::{
-    hub::state::HubState,
+    hub::{
+        access::Access,
+        audit,
+        identity::AUTHORIZATION,
+        state::{HubState, Unroutable},
+    },
     router::{deadline_of, forward, status_response, BoxFuture, PEER_HEADER},
 };
+
+/// The metadata key the hub sets on every routed call to the caller's
+/// identity (any value the caller sent is removed first).
+pub const CALLER_HEADER: &str = "backchannel-caller";
+
+/// The admin service, whose calls need an admin identity under a policy.
+const ADMIN_PREFIX: &str = "/backchannel.hub.v1.Peers/";
 
 /// Wraps the hub's services with the router.
 #[derive(Clone)]
 pub struct RouterLayer {
     state: Arc<HubState>,
+    access: Arc<Access>,
 }
 
 impl RouterLayer {
-    /// Routes by the peers in `state`.
-    pub fn new(state: Arc<HubState>) -> Self {
-        RouterLayer { state }
+    /// Routes by the peers in `state`, as `access` allows.
+    pub fn new(state: Arc<HubState>, access: Arc<Access>) -> Self {
+        RouterLayer { state, access }
     }
 }
 
@@ -34,6 +47,7 @@ impl<S> Layer<S> for RouterLayer {
         RouterService {
             inner,
             state: self.state.clone(),
+            access: self.access.clone(),
         }
     }
 }
@@ -43,6 +57,7 @@ impl<S> Layer<S> for RouterLayer {
 pub struct RouterService<S> {
     inner: S,
     state: Arc<HubState>,
+    access: Arc<Access>,
 }
 
 impl<S> Service<http::Request<Body>> for RouterService<S>
@@ -61,8 +76,24 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
+        let info = req.extensions().get::<listenmux::ConnInfo>();
         let Some(target) = req.headers().get(PEER_HEADER) else {
+            if req.uri().path().starts_with(ADMIN_PREFIX) {
+                let refusal = match self.access.identify(info, req.headers()) {
+                    Err(d) => Some((d, None)),
+                    Ok(id) => self
+                        .access
+                        .authorize_admin(&id)
+                        .err()
+                        .map(|d| (d, Some(id))),
+                };
+                if let Some((d, id)) = refusal {
+                    let path = req.uri().path();
+                    audit::refused(&self.state.metrics, &d, id.as_deref(), path, "");
+                    return Box::pin(async move { Ok(status_response(d.status)) });
+                }
+            }
             let inner = self.inner.clone();
             return Box::pin(inner.oneshot(req));
         };
@@ -84,19 +115,45 @@ where
                 "the hub is shutting down; not routing to '{target}'"
             )));
         }
-        let route = match state.resolve(target) {
-            Ok(r) => r,
-            Err(status) => return reject(status),
+        let method = req.uri().path().to_string();
+        let caller = match self.access.identify(info, req.headers()) {
+            Ok(c) => c,
+            Err(d) => {
+                audit::refused(&state.metrics, &d, None, &method, target);
+                return reject(d.status);
+            }
         };
+        let access = self.access.clone();
+        let (route, permit) = match state.resolve(target, |peer| {
+            access.authorize_call(&caller, target, peer, &method)
+        }) {
+            Ok(r) => r,
+            Err(Unroutable::Denied(d)) => {
+                audit::refused(&state.metrics, &d, Some(&caller), &method, target);
+                return reject(d.status);
+            }
+            Err(Unroutable::Status(status)) => return reject(status),
+        };
+        // The private service learns who calls from the hub, never from the
+        // caller: drop any value the caller set, and the hub's own credential.
+        let headers = req.headers_mut();
+        headers.remove(CALLER_HEADER);
+        if self.access.enforcing() {
+            headers.remove(AUTHORIZATION);
+        }
+        if let Ok(v) = http::HeaderValue::from_str(&caller) {
+            headers.insert(CALLER_HEADER, v);
+        }
+        let observer = Arc::new(audit::CallAudit::new(
+            route.observer,
+            caller,
+            route.peer_name,
+            route.peer_id,
+            method,
+            permit,
+        ));
         Box::pin(async move {
-            Ok(forward(
-                route.channel,
-                req,
-                route.label.into(),
-                deadline,
-                route.observer,
-            )
-            .await)
+            Ok(forward(route.channel, req, route.label.into(), deadline, observer).await)
         })
     }
 }
