@@ -139,7 +139,8 @@ impl Hub {
         );
         match (&cfg.tls_cert, &cfg.tls_key) {
             (Some(c), Some(k)) => {
-                let tls = tls::server_config(c, k, cfg.client_ca.as_deref())?;
+                let tls =
+                    tls::server_config_with(c, k, cfg.client_ca.as_deref(), access.enforcing())?;
                 mux = mux.with_tls(tokio_rustls::TlsAcceptor::from(tls));
             }
             (None, None) if cfg.client_ca.is_none() => {}
