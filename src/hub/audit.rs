@@ -121,7 +121,7 @@ impl CallAudit {
             peer_id = self.peer_id,
             method = %self.method,
             status = code.map(code_name).unwrap_or("UNKNOWN"),
-            duration_ms = self.start.elapsed().as_secs_f64() * 1000.0,
+            duration_ms = %format_args!("{:.3}", self.start.elapsed().as_secs_f64() * 1000.0),
             bytes_to_peer = self.to_peer.load(Ordering::Relaxed),
             bytes_from_peer = self.from_peer.load(Ordering::Relaxed),
         );
