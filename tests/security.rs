@@ -495,8 +495,8 @@ async fn the_deny_matrix() {
         "unknown peer",
     );
     assert_eq!(
-        forbidden.message().replace("inventory-eu", "X"),
-        unknown.message().replace("no-such-peer", "X")
+        forbidden.message().replace("'inventory-eu'", "'X'"),
+        unknown.message().replace("'no-such-peer'", "'X'")
     );
     assert_eq!(forbidden.metadata().len(), unknown.metadata().len());
     let forbidden_id = assert_code(
@@ -510,8 +510,8 @@ async fn the_deny_matrix() {
         "unknown peer by id",
     );
     assert_eq!(
-        forbidden_id.message().replace(&eu.to_string(), "X"),
-        unknown_id.message().replace("987654", "X")
+        forbidden_id.message().replace(&format!("'{eu}'"), "'X'"),
+        unknown_id.message().replace("'987654'", "'X'")
     );
 
     // A DNS-SAN identity selecting peers by label: env=prod only.
@@ -705,6 +705,42 @@ async fn names_belong_to_identities() {
     // A late announce from the superseded session does not take it back.
     assert!(announce(&a, "inventory").await.is_err());
     assert_eq!(hub.state().peer_named("inventory"), Some(rb.peer_id));
+    hub.shutdown().await;
+}
+
+/// On an open hub too, a superseded session gets no new call, not even by
+/// its peer ID, from the moment the new session has the name.
+#[tokio::test]
+async fn no_call_is_routed_to_a_superseded_session() {
+    let hub = Hub::start(HubConfig::default()).await.unwrap();
+    let addr = hub.addr.unwrap().to_string();
+    let session = |name: &'static str| {
+        let addr = addr.clone();
+        async move {
+            let routes = tonic::service::Routes::new(EchoServer::new(Svc { name: name.into() }));
+            backchannel::ClientBuilder::new()
+                .connect_tcp(&addr, routes)
+                .await
+                .unwrap()
+        }
+    };
+    let a = session("svc-a").await;
+    let ra = announce(&a, "svc").await.unwrap();
+    let ch = common::plain_channel(&addr).await;
+    let got = unary(&ch, &ra.peer_id.to_string(), None).await.unwrap();
+    assert_eq!(got.server, "svc-a caller=anonymous auth=false");
+    let b = session("svc-b").await;
+    let rb = announce(&b, "svc").await.unwrap();
+    assert_eq!(rb.replaced_peer_id, ra.peer_id);
+    assert!(rb.generation > ra.generation);
+    // Refused whether the superseded session is still closing or gone.
+    assert_code(
+        unary(&ch, &ra.peer_id.to_string(), None).await,
+        Code::NotFound,
+        "superseded by id",
+    );
+    let got = unary(&ch, "svc", None).await.unwrap();
+    assert!(got.server.starts_with("svc-b "), "{got:?}");
     hub.shutdown().await;
 }
 

@@ -340,7 +340,9 @@ impl HubState {
         let t = self.tables();
         let by_name = t.names.get(target).copied();
         let id = by_name.or_else(|| target.parse::<u64>().ok());
-        let entry = id.and_then(|id| t.peers.get(&id)).filter(|e| !e.superseded);
+        let found = id.and_then(|id| t.peers.get(&id));
+        let superseded = found.is_some_and(|e| e.superseded);
+        let entry = found.filter(|e| !e.superseded);
         let granted = authorize(entry.map(|e| PeerView {
             name: &e.name,
             labels: &e.labels,
@@ -351,6 +353,9 @@ impl HubState {
                 None => {
                     Status::not_found(format!("no peer named '{target}' is connected to this hub"))
                 }
+                Some(id) if superseded => Status::not_found(format!(
+                    "peer {id} was superseded by a newer session of its name; call it by name"
+                )),
                 Some(id) => {
                     Status::not_found(format!("no peer with id {id} is connected to this hub"))
                 }
