@@ -569,6 +569,12 @@ async fn the_deny_matrix() {
         Code::Unauthenticated,
         "anonymous List",
     );
+    // Health stays open.
+    let health = tonic_health::pb::health_client::HealthClient::new(anon.clone())
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(health.into_inner().status, 1); // SERVING
     let mut w = PeersClient::new(ops.clone())
         .watch(WatchPeersRequest::default())
         .await

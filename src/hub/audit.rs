@@ -57,7 +57,7 @@ pub fn announced(identity: &str, name: &str, peer_id: u64, generation: u64, repl
     }
 }
 
-/// Records a policy (re)load attempt.
+/// Records a policy load (at start) or reload attempt.
 pub fn policy_reloaded(path: &std::path::Path, result: &Result<(), String>) {
     match result {
         Ok(()) => {
@@ -125,6 +125,17 @@ impl CallAudit {
             bytes_to_peer = self.to_peer.load(Ordering::Relaxed),
             bytes_from_peer = self.from_peer.load(Ordering::Relaxed),
         );
+    }
+}
+
+impl std::fmt::Debug for CallAudit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallAudit")
+            .field("caller", &self.caller)
+            .field("peer", &self.peer)
+            .field("peer_id", &self.peer_id)
+            .field("method", &self.method)
+            .finish_non_exhaustive()
     }
 }
 

@@ -175,7 +175,7 @@ impl Hub {
         }
         let incoming = futures::stream::select_all(streams);
         match access.path() {
-            Some(p) => tracing::info!(policy = %p.display(), "access policy in force"),
+            Some(p) => audit::policy_reloaded(p, &Ok(())),
             None if cfg.allow_anyone => tracing::warn!(
                 "no --policy and --allow-anyone: the hub is open to anyone who can reach it"
             ),

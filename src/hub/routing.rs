@@ -24,8 +24,20 @@ use crate::{
 /// identity (any value the caller sent is removed first).
 pub const CALLER_HEADER: &str = "backchannel-caller";
 
-/// The admin service, whose calls need an admin identity under a policy.
-const ADMIN_PREFIX: &str = "/backchannel.hub.v1.Peers/";
+/// The hub's own services that stay open under a policy (health,
+/// reflection of the hub's API, and Registration, which checks the policy
+/// itself). Every other call to the hub itself (`Peers`, anything unknown)
+/// needs an admin identity.
+const OPEN_PREFIXES: [&str; 4] = [
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1.ServerReflection/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/backchannel.hub.v1.Registration/",
+];
+
+fn needs_admin(path: &str) -> bool {
+    !OPEN_PREFIXES.iter().any(|p| path.starts_with(p))
+}
 
 /// Wraps the hub's services with the router.
 #[derive(Clone)]
@@ -79,7 +91,7 @@ where
     fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
         let info = req.extensions().get::<listenmux::ConnInfo>();
         let Some(target) = req.headers().get(PEER_HEADER) else {
-            if req.uri().path().starts_with(ADMIN_PREFIX) {
+            if self.access.enforcing() && needs_admin(req.uri().path()) {
                 let refusal = match self.access.identify(info, req.headers()) {
                     Err(d) => Some((d, None)),
                     Ok(id) => self
