@@ -750,6 +750,52 @@ async fn no_call_is_routed_to_a_superseded_session() {
     hub.shutdown().await;
 }
 
+/// Under a policy a session must announce within `--announce-timeout`, or
+/// the hub closes it; one that announced stays.
+#[tokio::test]
+async fn sessions_that_never_announce_are_closed_under_a_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = write_policy(
+        dir.path(),
+        &format!(
+            "[identity.a]\ntoken_sha256 = \"{}\"\n[[agents]]\nidentity = \"a\"\nnames = [\"svc\"]\n",
+            sha("agent-secret")
+        ),
+    );
+    let hub = Hub::start(HubConfig {
+        policy: Some(policy),
+        announce_timeout: Some(Duration::from_millis(300)),
+        metrics: Some("127.0.0.1:0".into()),
+        ..HubConfig::default()
+    })
+    .await
+    .unwrap();
+    let addr = hub.addr.unwrap().to_string();
+    let connect =
+        || backchannel::ClientBuilder::new().connect_tcp(&addr, tonic::service::Routes::default());
+    let silent = connect().await.unwrap();
+    let named = connect().await.unwrap();
+    let mut rc = RegistrationClient::new(named.channel());
+    let mut r = Request::new(AnnounceRequest {
+        name: "svc".into(),
+        labels: Default::default(),
+    });
+    r.metadata_mut()
+        .insert("authorization", "Bearer agent-secret".parse().unwrap());
+    rc.announce(r).await.unwrap();
+    tokio::time::timeout(T, silent.closed())
+        .await
+        .expect("the silent session is closed");
+    assert!(!named.is_closed(), "the announced session stays");
+    assert_eq!(hub.state().list().len(), 1);
+    let text = http_get(&hub.metrics_addr.unwrap().to_string(), "/metrics").await;
+    assert!(
+        text.contains("backchannel_hub_denied_total{reason=\"announce_timeout\"} 1"),
+        "{text}"
+    );
+    hub.shutdown().await;
+}
+
 // ---------------------------------------------------------------- tokens
 
 /// An agent with `--token-file` and a Python grpcio caller with a bearer
