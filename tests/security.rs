@@ -140,6 +140,7 @@ names = ["inventory"]
 [[agents]]
 identity = "rogue"
 names = ["rogue-*"]
+labels = ["team=*"]
 
 [[callers]]
 identity = "billing"
@@ -655,8 +656,19 @@ async fn names_belong_to_identities() {
         Code::PermissionDenied,
         "unroutable name",
     );
-    // Its own names are fine.
-    announce(&rogue, "rogue-1").await.unwrap();
+    // Its own names are fine, but not with a label it may not announce
+    // (which would let it attract calls meant for `label:env=prod` peers).
+    let mut rc = RegistrationClient::new(rogue.channel());
+    let with_label = |k: &str, v: &str| AnnounceRequest {
+        name: "rogue-1".into(),
+        labels: [(k.to_string(), v.to_string())].into(),
+    };
+    assert_code(
+        rc.announce(with_label("env", "prod")).await,
+        Code::PermissionDenied,
+        "forbidden label",
+    );
+    rc.announce(with_label("team", "red")).await.unwrap();
 
     // The owner announces.
     let a = raw_session(&hub, &pki, "inventory", "svc-a").await;

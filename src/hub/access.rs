@@ -217,12 +217,19 @@ impl Access {
         }
     }
 
-    /// May `identity` announce `name`?
-    pub fn authorize_announce(&self, identity: &str, name: &str) -> Result<(), Denial> {
+    /// May `identity` announce `name` with `labels`?
+    pub fn authorize_announce(
+        &self,
+        identity: &str,
+        name: &str,
+        labels: &HashMap<String, String>,
+    ) -> Result<(), Denial> {
         match self.current() {
-            Some(p) if !p.may_announce(identity, name) => Err(Denial::new(
+            Some(p) if !p.may_announce(identity, name, labels) => Err(Denial::new(
                 "announce_denied",
-                Status::permission_denied(format!("'{identity}' may not announce '{name}'")),
+                Status::permission_denied(format!(
+                    "'{identity}' may not announce '{name}' with these labels"
+                )),
             )),
             _ => Ok(()),
         }

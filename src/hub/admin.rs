@@ -85,7 +85,10 @@ impl Registration for HubApi {
             }
         };
         let r = request.into_inner();
-        if let Err(d) = self.access.authorize_announce(&identity, &r.name) {
+        if let Err(d) = self
+            .access
+            .authorize_announce(&identity, &r.name, &r.labels)
+        {
             audit::refused(metrics, &d, Some(&identity), "announce", &r.name);
             return Err(d.status);
         }

@@ -80,6 +80,8 @@ struct IdentityDef {
 struct AgentRule {
     identity: String,
     names: GlobSet,
+    /// Globs on `KEY=VALUE` the identity may announce; `None`: any labels.
+    labels: Option<GlobSet>,
 }
 
 /// One `[[callers]]` rule.
@@ -137,6 +139,7 @@ struct RawIdentity {
 struct RawAgents {
     identity: Spanned<String>,
     names: Spanned<Vec<Spanned<String>>>,
+    labels: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Deserialize)]
@@ -325,9 +328,25 @@ impl Policy {
             if a.names.get_ref().is_empty() {
                 return Err(ctx.err(a.names.span(), "names must not be empty"));
             }
+            let labels = match &a.labels {
+                None => None,
+                Some(l) if l.get_ref().is_empty() => Some(GlobSet::empty()),
+                Some(l) => {
+                    for p in l.get_ref() {
+                        if !p.get_ref().contains('=') {
+                            return Err(ctx.err(
+                                p.span(),
+                                format!("label pattern '{}' is not KEY=VALUE", p.get_ref()),
+                            ));
+                        }
+                    }
+                    Some(glob_set(&ctx, "label", l.get_ref())?)
+                }
+            };
             agents.push(AgentRule {
                 identity: known(&a.identity)?,
                 names: glob_set(&ctx, "name", a.names.get_ref())?,
+                labels,
             });
         }
 
@@ -426,11 +445,23 @@ impl Policy {
             .map(|id| id.name.as_str())
     }
 
-    /// Whether `identity` may announce `name`.
-    pub fn may_announce(&self, identity: &str, name: &str) -> bool {
-        self.agents
-            .iter()
-            .any(|a| (a.identity == ANY || a.identity == identity) && a.names.is_match(name))
+    /// Whether `identity` may announce `name` with `labels`: some rule of
+    /// that identity matches the name and (if it lists labels) every label.
+    pub fn may_announce(
+        &self,
+        identity: &str,
+        name: &str,
+        labels: &HashMap<String, String>,
+    ) -> bool {
+        self.agents.iter().any(|a| {
+            (a.identity == ANY || a.identity == identity)
+                && a.names.is_match(name)
+                && a.labels.as_ref().is_none_or(|allowed| {
+                    labels
+                        .iter()
+                        .all(|(k, v)| allowed.is_match(format!("{k}={v}")))
+                })
+        })
     }
 
     /// The first caller rule letting `identity` call `method` on `peer`.
@@ -491,6 +522,10 @@ cert_dns = "ops.example.org"
 [[agents]]                      # which names an identity may announce
 identity = "inventory-agent"
 names = ["inventory", "inventory-*"]
+[[agents]]
+identity = "ops"
+names = ["ops-*"]
+labels = ["env=test", "region=*"]
 
 [[callers]]
 identity = "billing"
@@ -530,10 +565,19 @@ identity = "ops"
         );
         assert_eq!(p.identity_for_cert(&CertName::Dns("x".into())), None);
 
-        assert!(p.may_announce("inventory-agent", "inventory"));
-        assert!(p.may_announce("inventory-agent", "inventory-eu"));
-        assert!(!p.may_announce("inventory-agent", "billing"));
-        assert!(!p.may_announce("billing", "inventory"));
+        assert!(p.may_announce("inventory-agent", "inventory", &HashMap::new()));
+        assert!(p.may_announce("inventory-agent", "inventory-eu", &HashMap::new()));
+        assert!(!p.may_announce("inventory-agent", "billing", &HashMap::new()));
+        assert!(!p.may_announce("billing", "inventory", &HashMap::new()));
+        // Labels: any without a `labels` list; only the listed ones with it.
+        let l = |kv: &[(&str, &str)]| -> HashMap<String, String> {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert!(p.may_announce("inventory-agent", "inventory", &l(&[("env", "prod")])));
+        assert!(p.may_announce("ops", "ops-1", &l(&[("env", "test"), ("region", "eu")])));
+        assert!(!p.may_announce("ops", "ops-1", &l(&[("env", "prod")])));
 
         let none = HashMap::new();
         let prod: HashMap<_, _> = [("env".to_string(), "prod".to_string())].into();
@@ -598,7 +642,7 @@ identity = "ops"
     fn an_empty_policy_denies_everything() {
         let p = Policy::parse("p.toml", "").unwrap();
         assert_eq!(p.identity_for_token("x"), None);
-        assert!(!p.may_announce("a", "b"));
+        assert!(!p.may_announce("a", "b", &HashMap::new()));
         assert!(!p.is_admin("a"));
     }
 }
