@@ -43,12 +43,28 @@ pub fn server_config(
     key_path: &Path,
     client_ca: Option<&Path>,
 ) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    server_config_with(cert, key_path, client_ca, false)
+}
+
+/// Like [`server_config`]; with `optional_client_cert` a client may also
+/// connect without a certificate (the hub's access policy then decides,
+/// and callers may authenticate with a bearer token instead).
+pub fn server_config_with(
+    cert: &Path,
+    key_path: &Path,
+    client_ca: Option<&Path>,
+    optional_client_cert: bool,
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     provider();
     let builder = rustls::ServerConfig::builder();
     let builder = match client_ca {
         None => builder.with_no_client_auth(),
         Some(ca) => {
-            let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots(ca)?))
+            let mut b = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots(ca)?));
+            if optional_client_cert {
+                b = b.allow_unauthenticated();
+            }
+            let verifier = b
                 .build()
                 .context("building the client certificate verifier")?;
             builder.with_client_cert_verifier(verifier)

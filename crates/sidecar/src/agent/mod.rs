@@ -16,6 +16,7 @@ use crate::{pb::hub::registration_client::RegistrationClient, pb::hub::AnnounceR
 pub mod drain;
 pub mod isolate;
 pub mod probe;
+mod token;
 
 use isolate::PerConnection;
 
@@ -48,6 +49,9 @@ pub struct AgentConfig {
     pub backoff_max: Duration,
     /// On drain (SIGTERM), how long calls in flight may take to finish.
     pub grace: Duration,
+    /// A file holding the bearer token sent on Announce (re-read on every
+    /// connect, so it can be rotated in place).
+    pub token_file: Option<PathBuf>,
 }
 
 impl AgentConfig {
@@ -65,6 +69,7 @@ impl AgentConfig {
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
             grace: Duration::from_secs(10),
+            token_file: None,
         }
     }
 }
@@ -101,6 +106,10 @@ impl Agent {
         crate::hub::state::validate_announcement(&cfg.name, &labels)
             .map_err(|s| anyhow::anyhow!("--name/--label: {}", s.message()))?;
         let expose = expose_channel(&cfg.expose)?;
+        if let Some(path) = &cfg.token_file {
+            token::read(path)?;
+            token::check_transport(&cfg.hub, cfg.tls_ca.is_some())?;
+        }
         let tls = match &cfg.tls_ca {
             Some(ca) => {
                 let cert_key = match (&cfg.tls_cert, &cfg.tls_key) {
@@ -342,6 +351,12 @@ async fn announce(
         name: cfg.name.clone(),
         labels,
     });
+    if let Some(path) = &cfg.token_file {
+        let value = token::read(path)
+            .and_then(|t| token::header_value(&t))
+            .map_err(|e| tonic::Status::failed_precondition(format!("{e:#}")))?;
+        req.metadata_mut().insert("authorization", value);
+    }
     req.set_timeout(Duration::from_secs(10));
     match rc.announce(req).await {
         Ok(r) => {
@@ -349,6 +364,7 @@ async fn announce(
             if r.replaced_peer_id != 0 {
                 tracing::info!(
                     replaced = r.replaced_peer_id,
+                    generation = r.generation,
                     "took the name over from an older session"
                 );
             }
@@ -515,6 +531,10 @@ pub struct AgentArgs {
     /// the agent told the hub it is leaving (0: do not wait).
     #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = crate::hub::flags::seconds_or_zero, allow_hyphen_values = true)]
     pub grace: Duration,
+    /// A file holding a bearer token for hubs with an access policy; sent on
+    /// Announce (only over TLS, or to a loopback or Unix-socket hub).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
 }
 
 impl AgentArgs {
@@ -526,6 +546,7 @@ impl AgentArgs {
         cfg.tls_cert = self.tls_cert;
         cfg.tls_key = self.tls_key;
         cfg.tls_server_name = self.tls_server_name;
+        cfg.token_file = self.token_file;
         cfg.backoff_max = self.max_backoff;
         cfg.backoff_initial = cfg.backoff_initial.min(cfg.backoff_max);
         cfg.grace = self.grace.min(Duration::from_secs(365 * 86400));

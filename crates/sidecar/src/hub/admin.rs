@@ -7,7 +7,7 @@ use tokio::sync::broadcast;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    hub::state::HubState,
+    hub::{access::Access, audit, state::HubState},
     pb::hub::{
         peer_event::Kind, peers_server::Peers, registration_server::Registration, AnnounceRequest,
         AnnounceResponse, LeaveRequest, LeaveResponse, ListPeersRequest, ListPeersResponse,
@@ -20,6 +20,8 @@ use crate::{
 pub struct HubApi {
     /// The hub's state.
     pub state: Arc<HubState>,
+    /// Who may announce which name.
+    pub access: Arc<Access>,
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<PeerEvent, Status>> + Send + 'static>>;
@@ -74,11 +76,49 @@ impl Registration for HubApi {
         request: Request<AnnounceRequest>,
     ) -> Result<Response<AnnounceResponse>, Status> {
         let id = backchannel::RequestExt::peer_id(&request)?;
+        let info = backchannel::RequestExt::conn_info(&request);
+        let metrics = &self.state.metrics;
+        let identity = match self.access.identify(info, request.metadata().as_ref()) {
+            Ok(i) => i,
+            Err(d) => {
+                audit::refused(metrics, &d, None, "announce", &request.get_ref().name);
+                return Err(d.status);
+            }
+        };
         let r = request.into_inner();
-        let replaced = self.state.announce(id, r.name, r.labels)?;
+        if let Err(d) = self
+            .access
+            .authorize_announce(&identity, &r.name, &r.labels)
+        {
+            audit::refused(metrics, &d, Some(&identity), "announce", &r.name);
+            return Err(d.status);
+        }
+        let name = r.name.clone();
+        let done = match self.state.announce(id, r.name, r.labels, &identity) {
+            Ok(a) => a,
+            Err(status) => {
+                if status.code() == tonic::Code::PermissionDenied {
+                    let d = crate::hub::access::Denial {
+                        status,
+                        reason: "name_owned",
+                    };
+                    audit::refused(metrics, &d, Some(&identity), "announce", &name);
+                    return Err(d.status);
+                }
+                return Err(status);
+            }
+        };
+        audit::announced(
+            &identity,
+            &name,
+            id.get(),
+            done.generation,
+            done.replaced.map(|r| r.get()),
+        );
         Ok(Response::new(AnnounceResponse {
             peer_id: id.get(),
-            replaced_peer_id: replaced.map_or(0, |r| r.get()),
+            replaced_peer_id: done.replaced.map_or(0, |r| r.get()),
+            generation: done.generation,
         }))
     }
 

@@ -1,48 +1,11 @@
-//! Hub-side limits that run beside the router: the announce deadline, and
-//! giving freed memory back after many peers leave.
+//! Giving freed memory back after many peers leave.
 
-use std::{
-    sync::Arc,
-    time::{Duration, SystemTime},
-};
+use std::{sync::Arc, time::Duration};
 
 use backchannel::PeerEvent;
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::hub::state::HubState;
-
-/// Closes every session that has not announced a name within `timeout` of
-/// its handshake. Runs until aborted.
-///
-/// Sessions are checked every quarter of the timeout (at least every
-/// second, at most every 50 ms), so one is closed between `timeout` and
-/// `1.25 × timeout` after it became a peer.
-pub fn spawn_announce_deadline(
-    state: Arc<HubState>,
-    timeout: Duration,
-) -> tokio::task::JoinHandle<()> {
-    let every = (timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            let now = SystemTime::now();
-            for p in state.registry().list() {
-                let age = now.duration_since(p.connected_at).unwrap_or_default();
-                if age >= timeout && !state.is_announced(p.id) {
-                    state.metrics.announce_timeouts.inc();
-                    tracing::info!(
-                        peer = p.id.get(),
-                        ?timeout,
-                        "closing a session that did not announce a name in time"
-                    );
-                    state.registry().close(p.id);
-                }
-            }
-        }
-    })
-}
 
 /// After this many peers have left since the last trim, the heap is trimmed.
 const TRIM_AFTER_LEAVES: u64 = 512;

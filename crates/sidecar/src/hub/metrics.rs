@@ -50,6 +50,13 @@ pub struct Metrics {
     pub heap_trims: Counter,
     calls: Family<CodeLabel, Counter>,
     bytes: Family<DirectionLabel, Counter>,
+    denied: Family<ReasonLabel, Counter>,
+}
+
+/// The label of a refusal counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
 }
 
 impl Default for Metrics {
@@ -66,6 +73,7 @@ impl Default for Metrics {
             heap_trims: Counter::default(),
             calls: Family::default(),
             bytes,
+            denied: Family::default(),
         }
     }
 }
@@ -75,6 +83,11 @@ impl Metrics {
     pub fn call_finished(&self, code: Option<Code>) {
         let code = code.map(code_name).unwrap_or("UNKNOWN");
         self.calls.get_or_create(&CodeLabel { code }).inc();
+    }
+
+    /// Counts a refusal by the access policy, by reason.
+    pub fn denied(&self, reason: &'static str) {
+        self.denied.get_or_create(&ReasonLabel { reason }).inc();
     }
 
     /// Registers the counters in `registry` (names get OpenMetrics'
@@ -109,6 +122,11 @@ impl Metrics {
             "backchannel_hub_heap_trims",
             "Heap trims after peers left",
             self.heap_trims.clone(),
+        );
+        registry.register(
+            "backchannel_hub_denied",
+            "Calls, announces and sessions refused by the access policy, by reason",
+            self.denied.clone(),
         );
         registry.register(
             "backchannel_hub_bytes",

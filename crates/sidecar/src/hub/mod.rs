@@ -2,12 +2,17 @@
 //! gRPC callers; routes calls carrying `backchannel-peer` to that peer's
 //! backchannel, and serves health, reflection and the admin API.
 
+pub mod access;
 pub mod admin;
+pub mod announce_deadline;
+pub mod audit;
 pub mod drain;
 pub mod flags;
+pub mod identity;
 pub mod isolation;
 pub mod limits;
 pub mod metrics;
+pub mod policy;
 pub mod routing;
 pub mod state;
 
@@ -63,13 +68,19 @@ pub struct HubConfig {
     /// biggest source's oldest. Default 256.
     pub max_pending_per_source: usize,
     /// Close sessions that have not announced a name this long after their
-    /// handshake. `None` (the default on an open hub): Gitaly-style clients
-    /// that never announce stay connected and routable by peer ID.
+    /// handshake (zero: never). `None`: 10 s with a policy; never on an open
+    /// hub, so Gitaly-style clients that never announce stay connected and
+    /// routable by peer ID.
     pub announce_timeout: Option<Duration>,
     /// How many caller connections get an upstream connection of their own
     /// to each peer (see [`isolation`]); further ones share the peer's
     /// common connection. 0 turns isolation off. Default 128.
     pub isolated_callers_per_peer: usize,
+    /// The access policy (TOML). Without one the hub is open, which it only
+    /// accepts on loopback and Unix sockets unless `allow_anyone` is set.
+    pub policy: Option<PathBuf>,
+    /// Run open (no policy) on a non-loopback address.
+    pub allow_anyone: bool,
 }
 
 /// Default of [`HubConfig::handshake_timeout`].
@@ -91,6 +102,8 @@ impl Default for HubConfig {
             max_pending_per_source: 256,
             announce_timeout: None,
             isolated_callers_per_peer: isolation::DEFAULT_ISOLATED_CALLERS_PER_PEER,
+            policy: None,
+            allow_anyone: false,
         }
     }
 }
@@ -103,6 +116,7 @@ pub struct Hub {
     pub metrics_addr: Option<SocketAddr>,
     state: Arc<HubState>,
     stats: Arc<listenmux::Stats>,
+    access: Arc<access::Access>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
@@ -141,15 +155,16 @@ impl Hub {
         if cfg.listen.is_none() && cfg.unix.is_none() {
             anyhow::bail!("nothing to listen on: give --listen and/or --unix");
         }
+        let access = match &cfg.policy {
+            Some(p) => access::Access::load(p)?,
+            None => access::Access::open(),
+        };
         let registry = Registry::new();
         let metrics = Arc::new(metrics::Metrics::default());
         let state = HubState::new(registry.clone(), metrics);
         let events = state.spawn_event_loop();
         state.set_supersede_grace(cfg.grace);
-        let mut side_tasks = vec![limits::spawn_heap_trimmer(state.clone())];
-        if let Some(t) = cfg.announce_timeout {
-            side_tasks.push(limits::spawn_announce_deadline(state.clone(), t));
-        }
+        let side_tasks = vec![limits::spawn_heap_trimmer(state.clone())];
         let isolation = isolation::Isolation::new(cfg.isolated_callers_per_peer);
 
         let session = SessionConfig::server().with_handshake_timeout(cfg.handshake_timeout);
@@ -164,7 +179,12 @@ impl Hub {
             );
         match (&cfg.tls_cert, &cfg.tls_key) {
             (Some(c), Some(k)) => {
-                let tls = crate::tls::server_config(c, k, cfg.client_ca.as_deref())?;
+                let tls = crate::tls::server_config_with(
+                    c,
+                    k,
+                    cfg.client_ca.as_deref(),
+                    access.enforcing(),
+                )?;
                 mux = mux.tls(tokio_rustls::TlsAcceptor::from(tls));
             }
             (None, None) if cfg.client_ca.is_none() => {}
@@ -181,7 +201,15 @@ impl Hub {
             let l = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("listening on {listen}"))?;
-            addr = Some(l.local_addr()?);
+            let local = l.local_addr()?;
+            if !access.enforcing() && !cfg.allow_anyone && !local.ip().is_loopback() {
+                anyhow::bail!(
+                    "refusing to run an open hub on {local}: anyone who can reach it could call \
+                     every agent and take any name. Give --policy FILE, listen on loopback or \
+                     --unix, or pass --allow-anyone to run open anyway"
+                );
+            }
+            addr = Some(local);
             streams.push(Box::pin(mux.clone().incoming(l)));
         }
         if let Some(path) = &cfg.unix {
@@ -193,6 +221,20 @@ impl Hub {
         let iso = isolation.clone();
         let incoming = futures::stream::select_all(streams)
             .map(move |c| c.map(|c| isolation::CallerConn::new(c, &iso)));
+        match access.path() {
+            Some(p) => audit::policy_reloaded(p, &Ok(())),
+            None if cfg.allow_anyone => tracing::warn!(
+                "no --policy and --allow-anyone: the hub is open to anyone who can reach it"
+            ),
+            None => tracing::warn!(
+                "no --policy: the hub is open (any local caller may call any agent); it listens on loopback/Unix only"
+            ),
+        }
+        let announce_timeout = cfg
+            .announce_timeout
+            .or(access.enforcing().then_some(Duration::from_secs(10)))
+            .filter(|t| !t.is_zero());
+        let deadline_task = announce_timeout.map(|t| announce_deadline::spawn(state.clone(), t));
 
         let mut metrics_addr = None;
         let metrics_task = match &cfg.metrics {
@@ -227,6 +269,7 @@ impl Hub {
             .context("building the reflection service")?;
         let api = admin::HubApi {
             state: state.clone(),
+            access: access.clone(),
         };
 
         let shutdown = CancellationToken::new();
@@ -249,7 +292,7 @@ impl Hub {
             .initial_connection_window_size(Some(backchannel::H2_CONNECTION_WINDOW))
             // First: tonic's remote_addr()/peer_certs() for every layer below.
             .layer(listenmux::ConnectInfoLayer::new())
-            .layer(routing::RouterLayer::new(state.clone()))
+            .layer(routing::RouterLayer::new(state.clone(), access.clone()))
             .add_service(health_svc)
             .add_service(reflection)
             .add_service(reflection_alpha)
@@ -297,6 +340,9 @@ impl Hub {
                 t.abort();
             }
             events.abort();
+            if let Some(t) = deadline_task {
+                t.abort();
+            }
             if let Some(path) = unix {
                 let _ = std::fs::remove_file(path);
             }
@@ -306,9 +352,25 @@ impl Hub {
             metrics_addr,
             state,
             stats,
+            access,
             shutdown,
             task,
         })
+    }
+
+    /// Re-reads the policy file (what SIGHUP does). Sessions and calls stay;
+    /// on error the policy in force stays and the error names the line.
+    pub fn reload_policy(&self) -> Result<(), policy::PolicyError> {
+        let r = self.access.reload();
+        if let Some(p) = self.access.path() {
+            audit::policy_reloaded(p, &r.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+        }
+        r
+    }
+
+    /// Whether an access policy is in force.
+    pub fn enforcing(&self) -> bool {
+        self.access.enforcing()
     }
 
     /// The hub's view of its peers.
@@ -370,7 +432,25 @@ pub async fn run(cfg: HubConfig) -> anyhow::Result<()> {
     if let Some(m) = hub.metrics_addr {
         println!("metrics on http://{m}/metrics");
     }
-    crate::signal::shutdown().await;
+    let stop = crate::signal::shutdown();
+    let mut stop = std::pin::pin!(stop);
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = hup.recv() => {
+                if !hub.enforcing() {
+                    println!("SIGHUP: no --policy, nothing to reload");
+                    continue;
+                }
+                match hub.reload_policy() {
+                    Ok(()) => println!("policy reloaded"),
+                    Err(e) => println!("policy reload failed, the previous policy stays: {e}"),
+                }
+            }
+        }
+    }
     println!("shutting down (grace {:?})", cfg.grace);
     hub.shutdown().await;
     println!("hub stopped");
@@ -429,6 +509,15 @@ pub struct HubArgs {
     /// (0: all callers share one connection per peer).
     #[arg(long, value_name = "N", default_value_t = isolation::DEFAULT_ISOLATED_CALLERS_PER_PEER, value_parser = flags::count, allow_hyphen_values = true)]
     pub isolated_callers_per_peer: usize,
+    /// Access policy (TOML): identities, who may announce which names, who
+    /// may call which peers and methods, admins. Reloaded on SIGHUP.
+    /// Without it the hub is open, and listens on loopback or Unix only.
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+    /// Run without --policy on a non-loopback address: anyone who can reach
+    /// the port may call every agent and take any name.
+    #[arg(long, conflicts_with = "policy")]
+    pub allow_anyone: bool,
 }
 
 impl HubArgs {
@@ -449,6 +538,8 @@ impl HubArgs {
             max_pending_per_source: self.max_pending_per_source,
             announce_timeout: self.announce_timeout,
             isolated_callers_per_peer: self.isolated_callers_per_peer,
+            policy: self.policy,
+            allow_anyone: self.allow_anyone,
         }
     }
 }

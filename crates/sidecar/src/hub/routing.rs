@@ -16,20 +16,46 @@ use tower::{Layer, Service, ServiceExt};
 pub const PEER_HEADER: &str = "backchannel-peer";
 
 use crate::{
-    hub::{isolation::CallerInfo, state::HubState},
+    hub::{
+        access::Access,
+        audit,
+        identity::AUTHORIZATION,
+        isolation::CallerInfo,
+        state::{HubState, Unroutable},
+    },
     router::{deadline_of, forward, status_response, BoxFuture},
 };
+
+/// The metadata key the hub sets on every routed call to the caller's
+/// identity (any value the caller sent is removed first).
+pub const CALLER_HEADER: &str = "backchannel-caller";
+
+/// The hub's own services that stay open under a policy (health,
+/// reflection of the hub's API, and Registration, which checks the policy
+/// itself). Every other call to the hub itself (`Peers`, anything unknown)
+/// needs an admin identity.
+const OPEN_PREFIXES: [&str; 4] = [
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1.ServerReflection/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/backchannel.hub.v1.Registration/",
+];
+
+fn needs_admin(path: &str) -> bool {
+    !OPEN_PREFIXES.iter().any(|p| path.starts_with(p))
+}
 
 /// Wraps the hub's services with the router.
 #[derive(Clone)]
 pub struct RouterLayer {
     state: Arc<HubState>,
+    access: Arc<Access>,
 }
 
 impl RouterLayer {
-    /// Routes by the peers in `state`.
-    pub fn new(state: Arc<HubState>) -> Self {
-        RouterLayer { state }
+    /// Routes by the peers in `state`, as `access` allows.
+    pub fn new(state: Arc<HubState>, access: Arc<Access>) -> Self {
+        RouterLayer { state, access }
     }
 }
 
@@ -39,6 +65,7 @@ impl<S> Layer<S> for RouterLayer {
         RouterService {
             inner,
             state: self.state.clone(),
+            access: self.access.clone(),
         }
     }
 }
@@ -48,6 +75,7 @@ impl<S> Layer<S> for RouterLayer {
 pub struct RouterService<S> {
     inner: S,
     state: Arc<HubState>,
+    access: Arc<Access>,
 }
 
 impl<S> Service<http::Request<Body>> for RouterService<S>
@@ -68,11 +96,27 @@ where
 
     fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
         // The services behind the router see the connection's plain ConnInfo.
-        let caller = req.extensions_mut().remove::<CallerInfo>();
-        if let Some(c) = &caller {
+        let caller_conn = req.extensions_mut().remove::<CallerInfo>();
+        if let Some(c) = &caller_conn {
             req.extensions_mut().insert(c.info.clone());
         }
+        let info = req.extensions().get::<listenmux::ConnInfo>();
         let Some(target) = req.headers().get(PEER_HEADER) else {
+            if self.access.enforcing() && needs_admin(req.uri().path()) {
+                let refusal = match self.access.identify(info, req.headers()) {
+                    Err(d) => Some((d, None)),
+                    Ok(id) => self
+                        .access
+                        .authorize_admin(&id)
+                        .err()
+                        .map(|d| (d, Some(id))),
+                };
+                if let Some((d, id)) = refusal {
+                    let path = req.uri().path();
+                    audit::refused(&self.state.metrics, &d, id.as_deref(), path, "");
+                    return Box::pin(async move { Ok(status_response(d.status)) });
+                }
+            }
             let inner = self.inner.clone();
             return Box::pin(inner.oneshot(req));
         };
@@ -94,25 +138,53 @@ where
                 "the hub is shutting down; not routing to '{target}'"
             )));
         }
-        let mut route = match state.resolve(target) {
-            Ok(r) => r,
-            Err(status) => return reject(status),
+        let method = req.uri().path().to_string();
+        let caller = match self.access.identify(info, req.headers()) {
+            Ok(c) => c,
+            Err(d) => {
+                audit::refused(&state.metrics, &d, None, &method, target);
+                return reject(d.status);
+            }
         };
-        // This caller's own connection to the peer, when it may have one.
-        if let Some(own) = caller.and_then(|c| c.scope.channel(state.registry(), route.peer)) {
+        let access = self.access.clone();
+        let (mut route, permit) = match state.resolve(target, |peer| {
+            access.authorize_call(&caller, target, peer, &method)
+        }) {
+            Ok(r) => r,
+            Err(Unroutable::Denied(d)) => {
+                audit::refused(&state.metrics, &d, Some(&caller), &method, target);
+                return reject(d.status);
+            }
+            Err(Unroutable::Status(status)) => return reject(status),
+        };
+        // This caller connection's own HTTP/2 connection to the peer, when it
+        // may have one.
+        if let Some(own) =
+            caller_conn.and_then(|c| c.scope.channel(state.registry(), route.peer_id))
+        {
             route.channel = own;
         }
-        let mut req = req;
-        req.headers_mut().remove(PEER_HEADER);
+        // The private service learns who calls from the hub, never from the
+        // caller: drop any value the caller set, and the hub's own credential.
+        let headers = req.headers_mut();
+        headers.remove(PEER_HEADER);
+        headers.remove(CALLER_HEADER);
+        if self.access.enforcing() {
+            headers.remove(AUTHORIZATION);
+        }
+        if let Ok(v) = http::HeaderValue::from_str(&caller) {
+            headers.insert(CALLER_HEADER, v);
+        }
+        let observer = Arc::new(audit::CallAudit::new(
+            route.observer,
+            caller,
+            route.peer_name,
+            route.peer_id.get(),
+            method,
+            permit,
+        ));
         Box::pin(async move {
-            Ok(forward(
-                route.channel,
-                req,
-                route.label.into(),
-                deadline,
-                route.observer,
-            )
-            .await)
+            Ok(forward(route.channel, req, route.label.into(), deadline, observer).await)
         })
     }
 }

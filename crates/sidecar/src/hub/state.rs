@@ -15,7 +15,7 @@ use tokio::sync::{broadcast, Notify};
 use tonic::{transport::Channel, Code, Status};
 
 use crate::{
-    hub::metrics::Metrics,
+    hub::{metrics::Metrics, policy::PeerView},
     pb::hub::{peer_event::Kind, Peer, PeerEvent as PbEvent},
     router::CallObserver,
 };
@@ -43,12 +43,41 @@ struct Entry {
     name: String,
     labels: HashMap<String, String>,
     counters: Arc<PeerCounters>,
+    /// Who announced this session (empty until it announces).
+    identity: String,
+    /// The name's generation when this session took it (0: unnamed).
+    generation: u64,
+    /// A newer session of the same identity took the name: no new call is
+    /// ever routed here, by name or by ID.
+    superseded: bool,
 }
 
 #[derive(Default)]
 struct Tables {
     peers: HashMap<PeerId, Entry>,
     names: HashMap<String, PeerId>,
+    /// Last generation handed out: every handover of a name gets a larger
+    /// one, so a name's generation only grows.
+    last_generation: u64,
+}
+
+/// What an accepted announce did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Announced {
+    /// The session that held the name before (now superseded), if any.
+    pub replaced: Option<PeerId>,
+    /// The name's generation now.
+    pub generation: u64,
+}
+
+/// Why a call cannot be routed: the authorizer's refusal, or a routing
+/// failure (unknown peer on an open hub, peer gone).
+#[derive(Debug)]
+pub enum Unroutable<E> {
+    /// The authorizer said no.
+    Denied(E),
+    /// Routing failed.
+    Status(Status),
 }
 
 /// The hub's view of its peers. Shared by the router, the admin services
@@ -68,14 +97,16 @@ pub struct HubState {
 
 /// Where a routed call goes.
 pub struct Route {
-    /// The peer's ID.
-    pub peer: PeerId,
     /// The peer's backchannel.
     pub channel: Channel,
     /// "peer 'name' (id N)", for messages.
     pub label: String,
     /// Counts the call.
     pub observer: Arc<dyn CallObserver>,
+    /// The peer's ID.
+    pub peer_id: PeerId,
+    /// The peer's name (empty if unnamed).
+    pub peer_name: String,
 }
 
 impl HubState {
@@ -140,6 +171,9 @@ impl HubState {
                 name: String::new(),
                 labels: HashMap::new(),
                 counters: Arc::default(),
+                identity: String::new(),
+                generation: 0,
+                superseded: false,
             };
             let pb = to_pb(&e);
             t.peers.insert(e.info.id, e);
@@ -185,14 +219,17 @@ impl HubState {
         });
     }
 
-    /// Names peer `id` (newest wins). Returns the peer that held the name
-    /// before, whose session is being closed.
+    /// Names peer `id`, announced by `identity`. A name belongs to the
+    /// identity holding it: a newer session of the same identity takes it
+    /// over (the old session is superseded and closed), another identity is
+    /// refused with PERMISSION_DENIED.
     pub fn announce(
         &self,
         id: PeerId,
         name: String,
         labels: HashMap<String, String>,
-    ) -> Result<Option<PeerId>, Status> {
+        identity: &str,
+    ) -> Result<Announced, Status> {
         validate_announcement(&name, &labels)?;
         // The join event may still be on its way to the event loop: record
         // the join now (idempotent), so watchers see JOINED before ANNOUNCED.
@@ -202,12 +239,30 @@ impl HubState {
         }
         let (replaced, event) = {
             let mut t = self.tables();
-            if !t.peers.contains_key(&id) {
+            let Some(me) = t.peers.get(&id) else {
                 return Err(Status::unavailable(format!("peer {id} is gone")));
+            };
+            if !me.identity.is_empty() && me.identity != identity {
+                return Err(Status::permission_denied(format!(
+                    "this session announced itself as '{}'",
+                    me.identity
+                )));
             }
-            // Newest session wins: IDs only grow, so a late announce from an
-            // older session must not take the name back.
-            if let Some(&holder) = t.names.get(&name) {
+            if me.superseded {
+                return Err(Status::aborted(
+                    "this session was superseded by a newer one",
+                ));
+            }
+            let holder = t.names.get(&name).copied();
+            if let Some(holder) = holder.filter(|&h| h != id) {
+                let owner = t.peers.get(&holder).map(|e| e.identity.as_str());
+                if owner.is_some_and(|o| o != identity) {
+                    return Err(Status::permission_denied(format!(
+                        "name '{name}' belongs to another identity"
+                    )));
+                }
+                // Newest session wins: IDs only grow, so a late announce from
+                // an older session must not take the name back.
                 if holder > id {
                     return Err(Status::aborted(format!(
                         "name '{name}' is held by a newer session (peer {holder})"
@@ -215,9 +270,17 @@ impl HubState {
                 }
             }
             let replaced = t.names.insert(name.clone(), id).filter(|&old| old != id);
-            let e = t.peers.get_mut(&id).expect("inserted above");
+            let generation = if holder == Some(id) {
+                t.peers[&id].generation
+            } else {
+                t.last_generation += 1;
+                t.last_generation
+            };
+            let e = t.peers.get_mut(&id).expect("checked above");
             let old_name = std::mem::replace(&mut e.name, name);
             e.labels = labels;
+            e.identity = identity.to_string();
+            e.generation = generation;
             let pb = to_pb(e);
             if !old_name.is_empty() && old_name != pb.name && t.names.get(&old_name) == Some(&id) {
                 t.names.remove(&old_name);
@@ -225,11 +288,13 @@ impl HubState {
             if let Some(old) = replaced {
                 if let Some(o) = t.peers.get_mut(&old) {
                     o.name.clear();
+                    o.superseded = true;
                 }
             }
             (replaced, pb)
         };
-        tracing::info!(peer = id.get(), name = %event.name, replaced = ?replaced, "peer announced");
+        tracing::info!(peer = id.get(), name = %event.name, generation = event.generation, replaced = ?replaced, "peer announced");
+        let generation = event.generation;
         self.emit(Kind::Announced, event);
         if let Some(old) = replaced {
             // Drained like a leaving peer: calls in flight finish (within
@@ -237,7 +302,15 @@ impl HubState {
             let grace = Duration::from_millis(self.supersede_grace_ms.load(Ordering::Relaxed));
             crate::hub::drain::retire(self, old, grace);
         }
-        Ok(replaced)
+        Ok(Announced {
+            replaced,
+            generation,
+        })
+    }
+
+    /// The identity that announced peer `id` (empty if it has not).
+    pub fn identity_of(&self, id: PeerId) -> Option<String> {
+        self.tables().peers.get(&id).map(|e| e.identity.clone())
     }
 
     /// All peers, in ID order.
@@ -296,18 +369,47 @@ impl HubState {
         (self.list(), rx)
     }
 
-    /// Resolves a `backchannel-peer` value (a name, else a numeric ID).
-    pub fn resolve(self: &Arc<Self>, target: &str) -> Result<Route, Status> {
+    /// Resolves a `backchannel-peer` value (a name, else a numeric ID) and
+    /// asks `authorize` about the peer it names (`None`: no such peer, or a
+    /// superseded session), all under one lock, so that a handover either
+    /// happens before (the call goes to the new session) or after (the call
+    /// was in flight already). No call is routed to a superseded session.
+    pub fn resolve<A, E>(
+        self: &Arc<Self>,
+        target: &str,
+        authorize: impl FnOnce(Option<PeerView<'_>>) -> Result<A, E>,
+    ) -> Result<(Route, A), Unroutable<E>> {
         let target = target.trim();
-        let by_name = self.peer_named(target);
-        let id = match by_name.or_else(|| target.parse::<PeerId>().ok()) {
-            Some(id) => id,
-            None => {
-                return Err(Status::not_found(format!(
-                    "no peer named '{target}' is connected to this hub"
-                )))
+        if let Ok(id) = target.parse::<PeerId>() {
+            if let Some(info) = self.registry.get(id) {
+                self.joined(info); // idempotent: the join event may be on its way
             }
+        }
+        let t = self.tables();
+        let by_name = t.names.get(target).copied();
+        let id = by_name.or_else(|| target.parse::<PeerId>().ok());
+        let found = id.and_then(|id| t.peers.get(&id));
+        let superseded = found.is_some_and(|e| e.superseded);
+        let entry = found.filter(|e| !e.superseded);
+        let granted = authorize(entry.map(|e| PeerView {
+            name: &e.name,
+            labels: &e.labels,
+        }))
+        .map_err(Unroutable::Denied)?;
+        let Some(entry) = entry else {
+            return Err(Unroutable::Status(match id {
+                None => {
+                    Status::not_found(format!("no peer named '{target}' is connected to this hub"))
+                }
+                Some(id) if superseded => Status::not_found(format!(
+                    "peer {id} was superseded by a newer session of its name; call it by name"
+                )),
+                Some(id) => {
+                    Status::not_found(format!("no peer with id {id} is connected to this hub"))
+                }
+            }));
         };
+        let id = entry.info.id;
         let label = match by_name {
             Some(_) => format!("peer '{target}' (id {id})"),
             None => format!("peer {id}"),
@@ -315,35 +417,25 @@ impl HubState {
         let channel = match self.registry.backchannel(id) {
             // The router maps transport failures itself (naming the peer).
             Ok(c) => c.into_inner(),
-            Err(_) if by_name.is_some() => {
-                return Err(Status::unavailable(format!("{label} is gone")))
-            }
             Err(_) => {
-                return Err(Status::not_found(format!(
-                    "no peer with id {id} is connected to this hub"
-                )))
+                return Err(Unroutable::Status(Status::unavailable(format!(
+                    "{label} is gone"
+                ))))
             }
         };
-        if let Some(info) = self.registry.get(id) {
-            self.joined(info); // idempotent: the join event may be on its way
-        }
-        let counters = self
-            .tables()
-            .peers
-            .get(&id)
-            .map(|e| e.counters.clone())
-            .ok_or_else(|| Status::unavailable(format!("{label} is gone")))?;
-        if counters.leaving.load(Ordering::SeqCst) {
-            return Err(Status::unavailable(format!(
+        if entry.counters.leaving.load(Ordering::SeqCst) {
+            return Err(Unroutable::Status(Status::unavailable(format!(
                 "{label} is leaving (draining its calls); not routing new calls to it"
-            )));
+            ))));
         }
-        Ok(Route {
-            peer: id,
+        let route = Route {
             channel,
             label,
-            observer: Arc::new(CallGuard::start(self.clone(), counters)),
-        })
+            observer: Arc::new(CallGuard::start(self.clone(), entry.counters.clone())),
+            peer_id: id,
+            peer_name: entry.name.clone(),
+        };
+        Ok((route, granted))
     }
 
     /// Stops routing new calls (they get UNAVAILABLE).
@@ -390,6 +482,8 @@ fn to_pb(e: &Entry) -> Peer {
         calls_total: c.calls.load(Ordering::Relaxed),
         bytes_to_peer: c.bytes_to_peer.load(Ordering::Relaxed),
         bytes_from_peer: c.bytes_from_peer.load(Ordering::Relaxed),
+        generation: e.generation,
+        identity: e.identity.clone(),
     }
 }
 
