@@ -34,7 +34,7 @@ async fn pipe(input: Vec<u8>, seed: u64) -> std::io::Result<Vec<u8>> {
         let mut rng = Rng::new(seed);
         let mut rest = &input[..];
         while !rest.is_empty() {
-            let n = (1 + rng.below(700) as usize).min(rest.len());
+            let n = (1 + rng.below(700)).min(rest.len());
             if w.write_all(&rest[..n]).await.is_err() {
                 return;
             }
@@ -60,7 +60,7 @@ async fn well_formed_streams_pass_byte_for_byte() {
         let mut rng = Rng::new(seed);
         let mut input = PREFACE.to_vec();
         for i in 0..30 {
-            let ty = [0u8, 0, 0, 4, 6, 8, 1][rng.below(7) as usize];
+            let ty = [0u8, 0, 0, 4, 6, 8, 1][rng.below(7)];
             if ty == 1 {
                 let block = headers_block(&format!("host-{i}.example:50051"));
                 // Split some header blocks across a CONTINUATION frame.
@@ -72,7 +72,7 @@ async fn well_formed_streams_pass_byte_for_byte() {
                     input.extend(frame(1, 4, 1, &block));
                 }
             } else {
-                let len = rng.below(40_000) as usize;
+                let len = rng.below(40_000);
                 let payload: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
                 input.extend(frame(ty, 0, 1, &payload));
             }
@@ -118,7 +118,7 @@ async fn gitaly_authorities_are_rewritten_and_frames_stay_valid() {
 async fn garbage_never_panics_or_hangs() {
     for seed in 1..300u64 {
         let mut rng = Rng::new(seed);
-        let len = rng.below(5000) as usize;
+        let len = rng.below(5000);
         let mut input = PREFACE.to_vec();
         input.extend((0..len).map(|_| {
             // Bias towards HEADERS/CONTINUATION type bytes and small lengths.
