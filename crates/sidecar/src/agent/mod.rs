@@ -11,7 +11,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::{pb::hub::registration_client::RegistrationClient, pb::hub::AnnounceRequest};
+use crate::{
+    addr::Target, pb::hub::registration_client::RegistrationClient, pb::hub::AnnounceRequest,
+};
 
 pub mod drain;
 pub mod isolate;
@@ -105,10 +107,18 @@ impl Agent {
         let labels: HashMap<String, String> = cfg.labels.iter().cloned().collect();
         crate::hub::state::validate_announcement(&cfg.name, &labels)
             .map_err(|s| anyhow::anyhow!("--name/--label: {}", s.message()))?;
-        let expose = expose_channel(&cfg.expose)?;
+        let hub: Target = cfg
+            .hub
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--hub '{}': {e}", cfg.hub))?;
+        let expose_addr: Target = cfg
+            .expose
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--expose '{}': {e}", cfg.expose))?;
+        let expose = expose_channel(&expose_addr);
         if let Some(path) = &cfg.token_file {
             token::read(path)?;
-            token::check_transport(&cfg.hub, cfg.tls_ca.is_some())?;
+            token::check_transport(&hub, cfg.tls_ca.is_some())?;
         }
         let tls = match &cfg.tls_ca {
             Some(ca) => {
@@ -119,7 +129,7 @@ impl Agent {
                 };
                 let name = match &cfg.tls_server_name {
                     Some(n) => n.clone(),
-                    None => host_of(&cfg.hub).to_string(),
+                    None => hub.host().unwrap_or("localhost").to_string(),
                 };
                 let server_name = rustls_pki_types::ServerName::try_from(name.clone())
                     .with_context(|| format!("'{name}' is not a valid TLS server name"))?;
@@ -137,10 +147,11 @@ impl Agent {
         let stop = CancellationToken::new();
         let drain = CancellationToken::new();
         let target = format!("exposed service {}", cfg.expose);
-        let addr = cfg.expose.clone();
-        let forwarder = PerConnection::new(move || expose_channel(&addr), expose, target);
+        let forwarder =
+            PerConnection::new(move || Ok(expose_channel(&expose_addr)), expose, target);
         let task = tokio::spawn(run_loop(
             cfg,
+            hub,
             forwarder.clone(),
             tls,
             tx,
@@ -208,7 +219,7 @@ type Tls = Option<(
 )>;
 
 async fn connect(
-    cfg: &AgentConfig,
+    hub: &Target,
     forwarder: &PerConnection,
     tls: &Tls,
 ) -> Result<Client, backchannel::Error> {
@@ -217,20 +228,15 @@ async fn connect(
     if let Some((c, n)) = tls {
         b = b.tls(c.clone(), n.clone());
     }
-    match cfg.hub.strip_prefix("unix:") {
-        Some(path) => b.connect_unix(path, routes).await,
-        None => {
-            let addr = cfg
-                .hub
-                .trim_start_matches("tcp://")
-                .trim_start_matches("http://");
-            b.connect_tcp(addr, routes).await
-        }
+    match hub {
+        Target::Unix(path) => b.connect_unix(path, routes).await,
+        Target::Tcp { .. } => b.connect_tcp(&hub.to_string(), routes).await,
     }
 }
 
 async fn run_loop(
     cfg: AgentConfig,
+    hub: Target,
     forwarder: PerConnection,
     tls: Tls,
     status: watch::Sender<AgentStatus>,
@@ -254,7 +260,7 @@ async fn run_loop(
     };
     loop {
         let attempt = tokio::select! {
-            r = connect(&cfg, &forwarder, &tls) => r,
+            r = connect(&hub, &forwarder, &tls) => r,
             _ = stop.cancelled() => return None,
         };
         match attempt {
@@ -275,7 +281,7 @@ async fn run_loop(
                             && !tls_checked
                         {
                             tls_checked = true;
-                            if probe::hub_speaks_tls(&cfg.hub, Duration::from_secs(2)).await {
+                            if probe::hub_speaks_tls(&hub, Duration::from_secs(2)).await {
                                 tracing::error!(hub = %cfg.hub, "the hub speaks TLS but this agent connects in plaintext: pass --tls-ca (and --tls-server-name if needed)");
                             }
                         }
@@ -404,16 +410,6 @@ fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     s
 }
 
-fn host_of(addr: &str) -> &str {
-    let a = addr
-        .trim_start_matches("tcp://")
-        .trim_start_matches("http://");
-    if let Some(rest) = a.strip_prefix('[') {
-        return rest.split(']').next().unwrap_or(rest);
-    }
-    a.rsplit_once(':').map(|(h, _)| h).unwrap_or(a)
-}
-
 /// A lazy channel to the exposed service: the agent starts even if the
 /// service is not up yet; calls then fail with UNAVAILABLE.
 /// HTTP/2 windows for the channel to the exposed service: a connection
@@ -424,26 +420,27 @@ fn with_windows(ep: Endpoint) -> Endpoint {
         .initial_connection_window_size(backchannel::H2_CONNECTION_WINDOW)
 }
 
-pub fn expose_channel(expose: &str) -> anyhow::Result<Channel> {
-    if let Some(path) = expose.strip_prefix("unix:") {
-        let path = Arc::new(PathBuf::from(path));
-        let ep = with_windows(Endpoint::from_static("http://localhost"));
-        return Ok(ep.connect_with_connector_lazy(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move {
-                let s = tokio::net::UnixStream::connect(&*path).await?;
-                Ok::<_, std::io::Error>(TokioIo::new(s))
-            }
-        })));
+/// A lazy channel to the exposed service `expose`.
+pub fn expose_channel(expose: &Target) -> Channel {
+    match expose {
+        Target::Unix(path) => {
+            let path = Arc::new(path.clone());
+            let ep = with_windows(Endpoint::from_static("http://localhost"));
+            ep.connect_with_connector_lazy(tower::service_fn(move |_| {
+                let path = path.clone();
+                async move {
+                    let s = tokio::net::UnixStream::connect(&*path).await?;
+                    Ok::<_, std::io::Error>(TokioIo::new(s))
+                }
+            }))
+        }
+        Target::Tcp { .. } => {
+            // A host:port always makes a valid authority.
+            let ep = Endpoint::from_shared(expose.http_uri())
+                .unwrap_or_else(|_| Endpoint::from_static("http://localhost"));
+            with_windows(ep).tcp_nodelay(true).connect_lazy()
+        }
     }
-    let uri = if expose.contains("://") {
-        expose.to_string()
-    } else {
-        format!("http://{expose}")
-    };
-    let ep =
-        Endpoint::from_shared(uri).with_context(|| format!("bad --expose address '{expose}'"))?;
-    Ok(with_windows(ep).tcp_nodelay(true).connect_lazy())
 }
 
 /// Runs the agent until SIGINT or SIGTERM.

@@ -7,26 +7,25 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Whether the hub at `hub` (`host:port`, `tcp://…` or `unix:PATH`) answers
+use crate::addr::Target;
+
+/// Whether the hub at `hub` answers
 /// a plaintext backchannel hello with a TLS record (content type 20-23,
 /// version 3.x), within `timeout`.
-pub async fn hub_speaks_tls(hub: &str, timeout: Duration) -> bool {
+pub async fn hub_speaks_tls(hub: &Target, timeout: Duration) -> bool {
     let probe = async {
         let mut hello = backchannel::MAGIC.to_vec();
         // A yamux SYN for stream 1, as a client sends.
         hello.extend_from_slice(&[0, 1, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0]);
         let mut buf = [0u8; 3];
-        match hub.strip_prefix("unix:") {
-            Some(path) => {
+        match hub {
+            Target::Unix(path) => {
                 let mut s = tokio::net::UnixStream::connect(path).await?;
                 s.write_all(&hello).await?;
                 s.read_exact(&mut buf).await?;
             }
-            None => {
-                let addr = hub
-                    .trim_start_matches("tcp://")
-                    .trim_start_matches("http://");
-                let mut s = tokio::net::TcpStream::connect(addr).await?;
+            Target::Tcp { .. } => {
+                let mut s = tokio::net::TcpStream::connect(hub.to_string()).await?;
                 s.write_all(&hello).await?;
                 s.read_exact(&mut buf).await?;
             }

@@ -2,6 +2,7 @@
 //! `authorization: Bearer <token>` on Announce, never in plaintext across a
 //! network.
 
+use crate::addr::Target;
 use std::{net::IpAddr, path::Path};
 
 use anyhow::Context as _;
@@ -35,11 +36,10 @@ pub(super) fn header_value(token: &str) -> anyhow::Result<MetadataValue<Ascii>> 
 
 /// Refuses to send a token in plaintext to a hub that is not on loopback or
 /// a Unix socket.
-pub(super) fn check_transport(hub: &str, tls: bool) -> anyhow::Result<()> {
-    if tls || hub.starts_with("unix:") {
-        return Ok(());
-    }
-    let host = super::host_of(hub);
+pub(super) fn check_transport(hub: &Target, tls: bool) -> anyhow::Result<()> {
+    let Some(host) = hub.host().filter(|_| !tls) else {
+        return Ok(()); // TLS, or a Unix socket
+    };
     let loopback = host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
     if !loopback {
         anyhow::bail!(
@@ -52,7 +52,10 @@ pub(super) fn check_transport(hub: &str, tls: bool) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+
+    fn check_transport(hub: &str, tls: bool) -> anyhow::Result<()> {
+        super::check_transport(&hub.parse().unwrap(), tls)
+    }
 
     #[test]
     fn tokens_stay_off_plaintext_networks() {

@@ -2,6 +2,7 @@
 //! `backchannel agent`: every flag is checked when the command starts, and a
 //! bad value stops it (exit status 2) with a message naming the rule.
 
+use crate::addr::Target;
 use std::time::Duration;
 
 /// A duration in seconds: `10`, `2.5`, or with a unit: `500ms`, `10s`, `2m`.
@@ -82,65 +83,27 @@ pub fn count(s: &str) -> Result<usize, String> {
 /// `host:port` with a numeric port (host may be a name, an IPv4 address or
 /// a bracketed IPv6 address).
 pub fn host_port(s: &str) -> Result<String, String> {
-    let t = s.trim();
-    let err = || {
-        format!("'{s}' is not HOST:PORT (e.g. 127.0.0.1:7443, hub.example.com:7443, [::1]:7443)")
-    };
-    let (host, port) = t.rsplit_once(':').ok_or_else(err)?;
-    if host.is_empty() || port.parse::<u16>().is_err() {
-        return Err(err());
+    match s.parse::<Target>() {
+        Ok(t @ Target::Tcp { .. }) if !s.contains("://") => Ok(t.to_string()),
+        Ok(_) => Err(format!("'{s}' is not HOST:PORT")),
+        Err(e) => Err(format!(
+            "{e} (e.g. 127.0.0.1:7443, hub.example.com:7443, [::1]:7443)"
+        )),
     }
-    if let Some(inner) = host.strip_prefix('[') {
-        if !inner.ends_with(']')
-            || inner[..inner.len() - 1]
-                .parse::<std::net::Ipv6Addr>()
-                .is_err()
-        {
-            return Err(err());
-        }
-    } else if host.contains(':')
-        || !host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b".-_".contains(&b))
-    {
-        return Err(err());
-    }
-    Ok(t.to_string())
 }
 
 /// The hub address of an agent: `host:port`, `tcp://host:port` or `unix:PATH`.
 pub fn hub_addr(s: &str) -> Result<String, String> {
-    if let Some(path) = s.strip_prefix("unix:") {
-        if path.is_empty() {
-            return Err("unix: needs a socket path (unix:/run/hub.sock)".into());
-        }
-        return Ok(s.to_string());
-    }
-    let rest = s
-        .strip_prefix("tcp://")
-        .or_else(|| s.strip_prefix("http://"))
-        .unwrap_or(s);
-    host_port(rest.trim_end_matches('/'))
-        .map(|_| s.to_string())
-        .map_err(|_| format!("'{s}' is not HOST:PORT, tcp://HOST:PORT or unix:PATH"))
+    s.parse::<Target>()
+        .map(|t| t.to_string())
+        .map_err(|e| format!("{e} (expected HOST:PORT, tcp://HOST:PORT or unix:PATH)"))
 }
 
-/// The exposed service: `host:port`, `http://host:port`, `https://host:port`
-/// or `unix:PATH`.
+/// The exposed service: `host:port`, `http://host:port` or `unix:PATH`.
 pub fn expose_addr(s: &str) -> Result<String, String> {
-    if let Some(path) = s.strip_prefix("unix:") {
-        if path.is_empty() {
-            return Err("unix: needs a socket path".into());
-        }
-        return Ok(s.to_string());
-    }
-    let rest = s
-        .strip_prefix("http://")
-        .or_else(|| s.strip_prefix("https://"))
-        .unwrap_or(s);
-    host_port(rest.trim_end_matches('/'))
-        .map(|_| s.to_string())
-        .map_err(|_| format!("'{s}' is not HOST:PORT, http://HOST:PORT or unix:PATH"))
+    s.parse::<Target>()
+        .map(|t| t.to_string())
+        .map_err(|e| format!("{e} (expected HOST:PORT, http://HOST:PORT or unix:PATH)"))
 }
 
 /// `KEY=VALUE` with a non-empty key.
