@@ -16,6 +16,8 @@
 //! # Ok(()) }
 //! ```
 
+#![warn(missing_debug_implementations)]
+
 pub mod addr;
 pub mod agent;
 pub mod hub;

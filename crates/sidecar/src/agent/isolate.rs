@@ -54,6 +54,12 @@ pub struct PerConnection {
     inner: Arc<Inner>,
 }
 
+impl std::fmt::Debug for PerConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PerConnection").finish_non_exhaustive()
+    }
+}
+
 impl PerConnection {
     /// `make` opens a (lazy) channel to the service; `shared` serves calls
     /// that arrive without [`InboundInfo`] or beyond [`MAX_CONNECTIONS`].

@@ -100,6 +100,14 @@ pub struct Agent {
     forwarder: PerConnection,
 }
 
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("status", &*self.status.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Agent {
     /// Starts the agent: it connects (and keeps reconnecting) in the
     /// background.

@@ -24,6 +24,12 @@ pub struct HubApi {
     pub access: Arc<Access>,
 }
 
+impl std::fmt::Debug for HubApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HubApi").finish_non_exhaustive()
+    }
+}
+
 type EventStream = Pin<Box<dyn Stream<Item = Result<PeerEvent, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]

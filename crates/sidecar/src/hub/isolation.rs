@@ -170,6 +170,12 @@ pub struct CallerConn {
     info: CallerInfo,
 }
 
+impl std::fmt::Debug for CallerConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallerConn").finish_non_exhaustive()
+    }
+}
+
 impl CallerConn {
     /// Wraps `conn`, with dedicated slots counted in `isolation`.
     pub fn new(conn: Connection, isolation: &Arc<Isolation>) -> Self {

@@ -121,6 +121,15 @@ pub struct Hub {
     task: tokio::task::JoinHandle<()>,
 }
 
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("addr", &self.addr)
+            .field("metrics_addr", &self.metrics_addr)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Stops yielding connections (and drops the listeners) once `stop` fires,
 /// without ending the stream: ending it would make tonic close every
 /// connection at once, including the agents' sessions that in-flight routed

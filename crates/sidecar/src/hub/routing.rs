@@ -52,6 +52,12 @@ pub struct RouterLayer {
     access: Arc<Access>,
 }
 
+impl std::fmt::Debug for RouterLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouterLayer").finish_non_exhaustive()
+    }
+}
+
 impl RouterLayer {
     /// Routes by the peers in `state`, as `access` allows.
     pub fn new(state: Arc<HubState>, access: Arc<Access>) -> Self {
@@ -76,6 +82,12 @@ pub struct RouterService<S> {
     inner: S,
     state: Arc<HubState>,
     access: Arc<Access>,
+}
+
+impl<S> std::fmt::Debug for RouterService<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouterService").finish_non_exhaustive()
+    }
 }
 
 impl<S> Service<http::Request<Body>> for RouterService<S>

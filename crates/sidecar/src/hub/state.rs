@@ -95,6 +95,15 @@ pub struct HubState {
     supersede_grace_ms: AtomicU64,
 }
 
+impl std::fmt::Debug for HubState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HubState")
+            .field("peers", &self.registry.len())
+            .field("calls_in_flight", &self.calls_in_flight())
+            .finish_non_exhaustive()
+    }
+}
+
 /// Where a routed call goes.
 pub struct Route {
     /// The peer's backchannel.
@@ -107,6 +116,16 @@ pub struct Route {
     pub peer_id: PeerId,
     /// The peer's name (empty if unnamed).
     pub peer_name: String,
+}
+
+impl std::fmt::Debug for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Route")
+            .field("label", &self.label)
+            .field("peer_id", &self.peer_id)
+            .field("peer_name", &self.peer_name)
+            .finish_non_exhaustive()
+    }
 }
 
 impl HubState {

@@ -40,6 +40,7 @@ pub trait CallObserver: Send + Sync + 'static {
 }
 
 /// An observer that ignores everything.
+#[derive(Debug, Clone, Copy, Default)]
 pub struct NoObserver;
 impl CallObserver for NoObserver {}
 
@@ -312,6 +313,14 @@ impl http_body::Body for ResponseBody {
 pub struct ForwardAll {
     channel: Channel,
     target: Arc<str>,
+}
+
+impl std::fmt::Debug for ForwardAll {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ForwardAll")
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ForwardAll {
