@@ -7,6 +7,7 @@ use std::{
 };
 
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio_rustls::rustls;
 
 /// A CA, a server certificate for `localhost` and a client certificate (DNS
@@ -105,4 +106,67 @@ pub fn self_signed() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>, S
         .with_root_certificates(roots)
         .with_no_client_auth();
     (Arc::new(server), Arc::new(client), pem)
+}
+
+/// In-memory rustls configs from one CA: a server certificate for
+/// `localhost`, a client that presents a certificate (DNS SAN `client`) and
+/// one that presents none.
+#[derive(Debug)]
+pub struct MemoryPki {
+    /// The server's config.
+    pub server: Arc<rustls::ServerConfig>,
+    /// A client config that presents `client_cert`.
+    pub client: Arc<rustls::ClientConfig>,
+    /// A client config that presents no certificate.
+    pub anonymous_client: Arc<rustls::ClientConfig>,
+    /// The client's certificate.
+    pub client_cert: CertificateDer<'static>,
+}
+
+/// A [`MemoryPki`]. `require_client_cert`: the server refuses clients
+/// without one; otherwise it asks for one and accepts clients that send none.
+pub fn in_memory(require_client_cert: bool) -> MemoryPki {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf = |name: &str| {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec![name.to_string()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        (cert.der().clone(), key)
+    };
+    let (server_cert, server_key) = leaf("localhost");
+    let (client_cert, client_key) = leaf("client");
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca_cert.der().clone()).unwrap();
+    let roots = Arc::new(roots);
+    let verifier = rustls::server::WebPkiClientVerifier::builder(roots.clone());
+    let verifier = if require_client_cert {
+        verifier.build().unwrap()
+    } else {
+        verifier.allow_unauthenticated().build().unwrap()
+    };
+    let server = rustls::ServerConfig::builder()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(vec![server_cert], server_key)
+        .unwrap();
+    let client = rustls::ClientConfig::builder()
+        .with_root_certificates(roots.clone())
+        .with_client_auth_cert(vec![client_cert.clone()], client_key)
+        .unwrap();
+    let anonymous_client = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    MemoryPki {
+        server: Arc::new(server),
+        client: Arc::new(client),
+        anonymous_client: Arc::new(anonymous_client),
+        client_cert,
+    }
 }
