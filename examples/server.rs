@@ -51,7 +51,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let handshaker = ServerHandshaker::new(registry.clone(), SessionConfig::server());
     let mux = ListenMux::builder().handshaker(handshaker).build();
     let incoming = mux.incoming(listener);
-    tonic::transport::Server::builder()
+    listenmux::server_builder() // tonic's Server, with request.remote_addr() behind the mux
         .add_service(CallbackServer::new(Api(registry)))
         .serve_with_incoming(incoming)
         .await?;

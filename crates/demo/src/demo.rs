@@ -61,7 +61,8 @@ pub async fn run() -> anyhow::Result<()> {
         .build()
         .incoming(listener);
     let server = tokio::spawn(
-        Server::builder()
+        // With the connect-info layer, handlers see `request.remote_addr()`.
+        listenmux::server_builder()
             .trace_fn(backchannel::request_span)
             .add_service(EchoServer::new(EchoService::new("server")))
             .add_service(CallbackServer::new(CallbackService {
