@@ -475,6 +475,14 @@ pub(crate) mod hpack {
     }
 }
 
+/// The header-block rewriter on its own, for the fuzz targets: the block
+/// with invalid literal `:authority` values rewritten, or `None` if nothing
+/// changes. Not a stable API.
+#[doc(hidden)]
+pub fn rewrite_header_block(block: &[u8]) -> Option<Vec<u8>> {
+    hpack::rewrite_authority(block)
+}
+
 impl<T: AsyncRead + Unpin> AsyncRead for AuthorityFix<T> {
     fn poll_read(
         self: Pin<&mut Self>,

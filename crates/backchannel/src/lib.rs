@@ -59,6 +59,8 @@ mod session;
 mod stream;
 mod trace;
 
+#[doc(hidden)]
+pub use authority::rewrite_header_block;
 pub use authority::AuthorityFix;
 pub use channel::PeerChannel;
 pub use client::{Client, ClientBuilder, InboundInfo};

@@ -173,12 +173,12 @@ impl StreamId {
 
     /// Whether a client opened it (odd).
     pub const fn is_client_initiated(self) -> bool {
-        self.0 % 2 == 1
+        self.0 & 1 == 1
     }
 
     /// Whether a server opened it (even, not 0).
     pub const fn is_server_initiated(self) -> bool {
-        self.0 != 0 && self.0 % 2 == 0
+        self.0 != 0 && self.0 & 1 == 0
     }
 }
 

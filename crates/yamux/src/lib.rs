@@ -17,12 +17,44 @@
 //!   `poll_read` copies it into the caller's buffer (one copy). Frames under
 //!   16 KiB are copied out instead, so that unread small frames do not keep
 //!   whole read buffers alive.
-//! * **Bounded memory.** A stream holds at most its receive window (a peer
-//!   that sends more breaks the protocol and the session ends with GoAway);
-//!   a stream writer waits while the output buffer is over a high-water
-//!   mark; the connection stops reading while a peer floods it with frames
-//!   that need answers (pings) faster than it reads ours; an idle session
-//!   frees its read and write buffers.
+//! * **Bounded memory, whatever the peer does.**
+//!   - Received data: a stream holds at most its receive window (a peer that
+//!     sends more breaks the protocol and the session ends with GoAway), and
+//!     the whole session at most [`Config::with_max_buffered`] (default
+//!     32 MiB). A slice is charged for the whole read buffer it may keep
+//!     alive, not just its length; when that does not fit, the frame is
+//!     copied (charged exactly); when even that does not fit, its stream is
+//!     reset ([`StreamError::ResetLocally`]). So the memory held for unread
+//!     data is at most the budget (twice that counting the growth slack of
+//!     copy buffers), plus one read buffer (up to 256 KiB plus one frame)
+//!     being filled and 16 KiB per stream of emptied copy buffer.
+//!     [`Control::buffered_bytes`] reports the charged bytes.
+//!   - Streams: at most [`Config::with_max_streams`]; a dropped stream whose
+//!     peer never closes its half is reset after
+//!     [`Config::with_stream_close_timeout`].
+//!   - Output: a stream writer waits while the output buffer is over a
+//!     high-water mark (512 KiB); the connection stops reading while a peer
+//!     floods it with frames that need answers (pings) faster than it reads
+//!     ours; an idle session frees its read and write buffers.
+//! * **Bounded time.** A write to the transport that stalls (no progress,
+//!   one continuous stall) for [`Config::with_write_timeout`] ends the
+//!   session; so does a ping unanswered for the keepalive timeout, to the
+//!   timer's precision. Closing (GoAway, flush, transport shutdown) takes at
+//!   most the write timeout per step.
+//! * **Errors by cause.** A stream's errors are `io::Error`s carrying a
+//!   [`StreamError`]: reset by the peer, reset by us (close timeout, budget),
+//!   session closing, or the session ended and why ([`EndReason`]). A reset
+//!   stream never reads as a clean EOF.
+//!
+//! # Compatibility with hashicorp/yamux
+//! Frames for a stream that was never opened end the session with a
+//! protocol error, where hashicorp ignores them: a conforming peer never
+//! sends one (a stream's first frame carries SYN, and the IDs we refuse are
+//! remembered), so this only stops peers that are already broken. GoAway
+//! with code 1 or 2 ends the session, as in hashicorp; a peer that closes
+//! the connection without GoAway (hashicorp's `Close()`) ends it with
+//! [`SessionError::ClosedByPeer`], a normal end
+//! ([`SessionError::is_normal_end`]).
 //!
 //! # Example
 //! ```

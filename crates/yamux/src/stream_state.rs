@@ -10,6 +10,9 @@ use tokio::io::ReadBuf;
 
 use crate::error::StreamError;
 
+/// An empty copy buffer keeps at most this much capacity.
+const KEEP_TAIL: usize = 16 * 1024;
+
 /// Per-stream state, kept in the session's table while either side may
 /// still act on the stream.
 #[derive(Default)]
@@ -121,6 +124,10 @@ impl StreamState {
             self.tail.advance(k);
             freed += k;
             n += k;
+            if self.tail.is_empty() && self.tail.capacity() > KEEP_TAIL {
+                // Read up: give the memory back (it is no longer charged).
+                self.tail = BytesMut::new();
+            }
         }
         self.recv_buffered -= n;
         self.recv_consumed += n as u32;

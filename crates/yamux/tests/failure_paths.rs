@@ -69,7 +69,7 @@ impl AsyncWrite for FlakyFlush {
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.flushes += 1;
-        if self.flushes % 3 != 0 {
+        if !self.flushes.is_multiple_of(3) {
             cx.waker().wake_by_ref();
             return Poll::Pending;
         }
