@@ -70,12 +70,12 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     RT.with(|rt| {
         rt.block_on(async {
             let recorded = Arc::new(Mutex::new(None));
-            let config = MuxConfig {
-                sniff_timeout: Duration::from_millis(4500),
-                ..MuxConfig::default()
-            };
+            let config = MuxConfig::default().with_sniff_timeout(Duration::from_millis(4500));
             let (tx, rx) = mpsc::channel(1);
-            let mux = ListenMux::new(config).register(Recorder(recorded.clone()));
+            let mux = ListenMux::builder()
+                .config(config)
+                .handshaker(Recorder(recorded.clone()))
+                .build();
             let stats = mux.stats();
             let mut incoming = mux.incoming(Pipes(rx));
             let (client, server) = tokio::io::duplex(4096);

@@ -56,6 +56,10 @@ pub fn parse_grpc_timeout(v: &HeaderValue) -> Option<Duration> {
         return None;
     }
     let (digits, unit) = s.split_at(s.len() - 1);
+    // ASCII digits only: `u64::from_str` would also take a leading '+'.
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     let n: u64 = digits.parse().ok()?;
     Some(match unit {
         "H" => Duration::from_secs(n.saturating_mul(3600)),
@@ -382,5 +386,8 @@ mod tests {
         assert_eq!(p("x"), None);
         assert_eq!(p("123456789S"), None);
         assert_eq!(p("10q"), None);
+        // Digits only, as the spec says (found by the hub_inputs fuzz target).
+        assert_eq!(p("+5S"), None);
+        assert_eq!(p("S"), None);
     }
 }
