@@ -32,21 +32,47 @@ use tonic::{body::Body, transport::Channel, Code, Status};
 /// ```
 #[derive(Clone, Debug)]
 pub struct PeerChannel {
-    inner: Channel,
+    inner: Inner,
     label: std::sync::Arc<str>,
+}
+
+/// The channel of whichever session is up: a reconnecting client's.
+pub(crate) trait CurrentChannel: Send + Sync + std::fmt::Debug + 'static {
+    /// The channel of the session that is up, if one is.
+    fn current(&self) -> Option<Channel>;
+    /// A channel whose calls fail with "not connected" (no session up).
+    fn fallback(&self) -> Channel;
+}
+
+#[derive(Clone, Debug)]
+enum Inner {
+    Fixed(Channel),
+    Current(std::sync::Arc<dyn CurrentChannel>),
 }
 
 impl PeerChannel {
     pub(crate) fn new(inner: Channel, label: String) -> Self {
         PeerChannel {
-            inner,
+            inner: Inner::Fixed(inner),
             label: label.into(),
         }
     }
 
-    /// The underlying tonic channel (without the status mapping).
+    pub(crate) fn following(current: std::sync::Arc<dyn CurrentChannel>, label: String) -> Self {
+        PeerChannel {
+            inner: Inner::Current(current),
+            label: label.into(),
+        }
+    }
+
+    /// The underlying tonic channel (without the status mapping). For a
+    /// [`ReconnectingClient`](crate::ReconnectingClient)'s channel: the
+    /// channel of the session up now.
     pub fn into_inner(self) -> Channel {
-        self.inner
+        match self.inner {
+            Inner::Fixed(c) => c,
+            Inner::Current(c) => c.current().unwrap_or_else(|| c.fallback()),
+        }
     }
 }
 
@@ -118,12 +144,28 @@ impl tower::Service<http::Request<Body>> for PeerChannel {
     type Future = ResponseFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        tower::Service::poll_ready(&mut self.inner, cx).map_err(|e| transport(&self.label, e))
+        match &mut self.inner {
+            Inner::Fixed(c) => {
+                tower::Service::poll_ready(c, cx).map_err(|e| transport(&self.label, e))
+            }
+            // Readiness is that of the session's channel, taken in `call`.
+            Inner::Current(_) => Poll::Ready(Ok(())),
+        }
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let fut = tower::Service::call(&mut self.inner, request);
         let label = self.label.clone();
+        let fut: Pin<Box<dyn Future<Output = Result<_, tonic::transport::Error>> + Send>> =
+            match &mut self.inner {
+                Inner::Fixed(c) => Box::pin(tower::Service::call(c, request)),
+                Inner::Current(current) => {
+                    let mut c = current.current().unwrap_or_else(|| current.fallback());
+                    Box::pin(async move {
+                        tower::ServiceExt::ready(&mut c).await?;
+                        tower::Service::call(&mut c, request).await
+                    })
+                }
+            };
         Box::pin(async move {
             let response = fut.await.map_err(|e| transport(&label, e))?;
             Ok(response.map(|body| Body::new(body.map_err(move |s| lost(&label, s)))))

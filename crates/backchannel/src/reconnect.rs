@@ -201,12 +201,32 @@ impl std::fmt::Display for DisconnectReason {
     }
 }
 
-/// The session of the moment, as the forward channel's connector sees it.
+/// The session of the moment and its forward channel.
 #[derive(Debug, Default)]
 struct Current {
     session: Option<SessionHandle>,
-    /// Stream 1 of `session`, until the forward channel takes it.
-    first: Option<YamuxStream>,
+    /// The HTTP/2 connection on `session`'s stream 1, connected as soon as
+    /// the session is (the server makes a session a peer only then).
+    channel: Option<tonic::transport::Channel>,
+}
+
+/// What [`ReconnectingClient::channel`] calls through.
+#[derive(Debug)]
+struct Follow {
+    shared: Arc<Shared>,
+    /// A channel whose connector always fails: calls while no session is up.
+    unconnected: tonic::transport::Channel,
+    /// Keeps the dial loop alive while a channel clone exists.
+    _supervisor: Arc<Supervisor>,
+}
+
+impl crate::channel::CurrentChannel for Follow {
+    fn current(&self) -> Option<tonic::transport::Channel> {
+        self.shared.current().channel.clone()
+    }
+    fn fallback(&self) -> tonic::transport::Channel {
+        self.unconnected.clone()
+    }
 }
 
 #[derive(Debug)]
@@ -289,32 +309,26 @@ impl ReconnectingClient {
         });
         let span = info_span!("backchannel_client", server = %target, reconnecting = true);
         let task = tokio::spawn(
-            dial_loop(builder, target.clone(), routes, shared.clone()).instrument(span),
+            dial_loop(
+                builder,
+                target.clone(),
+                endpoint.clone(),
+                routes,
+                shared.clone(),
+            )
+            .instrument(span),
         );
         let supervisor = Arc::new(Supervisor(task));
-        let connector_shared = shared.clone();
-        let connector_supervisor = supervisor.clone();
-        let channel = endpoint.connect_with_connector_lazy(tower::service_fn(move |_uri| {
-            let _keep_dialling = &connector_supervisor;
-            let mut current = connector_shared.current();
-            let result = match current.first.take() {
-                Some(stream) => Ok(TokioIo::new(stream)),
-                None => {
-                    // Either no session is up, or this session's stream 1
-                    // already carried an HTTP/2 connection that has failed:
-                    // a session without a forward channel is of no use, so
-                    // end it and let the dial loop make a new one.
-                    if let Some(session) = current.session.take() {
-                        session.close();
-                    }
-                    Err(Error::NotConnected)
-                }
-            };
-            drop(current);
-            async move { result }
+        let unconnected = endpoint.connect_with_connector_lazy(tower::service_fn(|_uri| async {
+            Err::<TokioIo<YamuxStream>, _>(Error::NotConnected)
         }));
+        let follow = Follow {
+            shared: shared.clone(),
+            unconnected,
+            _supervisor: supervisor.clone(),
+        };
         ReconnectingClient {
-            channel: PeerChannel::new(channel, format!("server {target}")),
+            channel: PeerChannel::following(Arc::new(follow), format!("server {target}")),
             shared,
             _supervisor: supervisor,
         }
@@ -354,6 +368,19 @@ impl ReconnectingClient {
         session
     }
 
+    /// Ends the session of the moment, if any (the server sees its peer
+    /// leave), and dials a new one after the backoff: for an application
+    /// that finds a session unusable, such as one the server refused to
+    /// register. The ended session counts as a failed attempt unless it
+    /// lasted [`Backoff::reset_after`].
+    pub fn reconnect(&self) {
+        let mut current = self.shared.current();
+        if let Some(session) = current.session.take() {
+            session.close();
+        }
+        current.channel = None;
+    }
+
     /// Stops dialling and closes the session of the moment, reporting
     /// [`DisconnectReason::Closed`] if one was up. Idempotent.
     pub fn close(&self) {
@@ -363,7 +390,7 @@ impl ReconnectingClient {
         if let Some(session) = current.session.take() {
             session.close();
         }
-        current.first = None;
+        current.channel = None;
         let was = self.shared.state.send_replace(None);
         drop(current);
         if let Some(session) = was {
@@ -375,7 +402,13 @@ impl ReconnectingClient {
     }
 }
 
-async fn dial_loop(builder: ClientBuilder, target: Target, routes: Routes, shared: Arc<Shared>) {
+async fn dial_loop(
+    builder: ClientBuilder,
+    target: Target,
+    endpoint: Endpoint,
+    routes: Routes,
+    shared: Arc<Shared>,
+) {
     let label = target.to_string();
     let mut failures: u32 = 0;
     let mut sessions: u64 = 0;
@@ -398,17 +431,56 @@ async fn dial_loop(builder: ClientBuilder, target: Target, routes: Routes, share
                 &label,
                 tracing::Span::current(),
             )?;
-            Ok::<_, Error>((started, remote))
-        }
-        .await;
-        let (
-            Started {
+            // The forward HTTP/2 connection on stream 1, at once: the server
+            // counts a session as a peer only once it is up.
+            let Started {
                 session,
                 first,
                 end,
-            },
-            remote,
-        ) = match dialled {
+            } = started;
+            let slot = Arc::new(Mutex::new(Some(first)));
+            let owner = session.clone();
+            let connector = tower::service_fn(move |_uri| {
+                let stream = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+                let owner = owner.clone();
+                async move {
+                    match stream {
+                        Some(s) => Ok(TokioIo::new(s)),
+                        None => {
+                            // Stream 1's HTTP/2 connection failed: a session
+                            // without a forward channel is of no use, so end
+                            // it and let the dial loop make a new one (Gitaly's
+                            // server accepts one client stream only).
+                            owner.close();
+                            Err(Error::NotConnected)
+                        }
+                    }
+                }
+            });
+            let timeout = builder.config.handshake_timeout();
+            let channel = match tokio::time::timeout(
+                timeout,
+                endpoint.clone().connect_with_connector(connector),
+            )
+            .await
+            {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
+                    session.close();
+                    return Err(Error::Http2(e));
+                }
+                Err(_) => {
+                    session.close();
+                    return Err(Error::Timeout {
+                        step: crate::Step::Http2,
+                        after: timeout,
+                    });
+                }
+            };
+            Ok::<_, Error>((session, channel, end, remote))
+        }
+        .await;
+        let (session, channel, end, remote) = match dialled {
             Ok(d) => d,
             Err(error) => {
                 failures = failures.saturating_add(1);
@@ -433,7 +505,7 @@ async fn dial_loop(builder: ClientBuilder, target: Target, routes: Routes, share
                 return;
             }
             current.session = Some(session);
-            current.first = Some(first);
+            current.channel = Some(channel);
             shared.state.send_replace(Some(sessions));
         }
         info!(session = sessions, remote = ?remote, "connected");
@@ -450,7 +522,7 @@ async fn dial_loop(builder: ClientBuilder, target: Target, routes: Routes, share
         {
             let mut current = shared.current();
             current.session = None;
-            current.first = None;
+            current.channel = None;
         }
         shared.state.send_replace(None);
         info!(session = sessions, %reason, "disconnected");

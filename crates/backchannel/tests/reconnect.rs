@@ -235,3 +235,38 @@ async fn dropping_every_handle_stops_dialling_and_ends_the_session() {
         .await
         .expect("the session ends with the last handle");
 }
+
+#[tokio::test]
+async fn reconnect_ends_the_session_and_dials_a_new_one() {
+    let server = TestServer::tcp().await;
+    let client = ClientBuilder::new()
+        .backoff(fast_backoff())
+        .reconnecting_tcp(
+            &server.addr.to_string(),
+            health_routes(Log::default(), false),
+        )
+        .unwrap();
+    let mut events = client.subscribe();
+    tokio::time::timeout(WAIT, client.wait_connected())
+        .await
+        .unwrap();
+    let first = server.first_peer().await;
+    client.reconnect();
+    next_event(&mut events, |e| {
+        matches!(e, ConnectionEvent::Disconnected { session: 1, .. })
+    })
+    .await;
+    tokio::time::timeout(WAIT, server.registry.wait_gone(first))
+        .await
+        .expect("the server sees the peer leave");
+    next_event(&mut events, |e| {
+        matches!(e, ConnectionEvent::Connected { session: 2, .. })
+    })
+    .await;
+    assert_eq!(
+        check(client.channel()).await.unwrap(),
+        ServingStatus::Serving
+    );
+    let second = server.last().peer.expect("a multiplexed caller");
+    assert!(second > first, "{second} after {first}");
+}
