@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use backchannel::Client;
+use backchannel::{ConnectionEvent, ReconnectingClient};
+use tokio::sync::broadcast;
 
 use crate::{
     agent::isolate::PerConnection,
@@ -20,12 +21,17 @@ pub struct Drained {
     pub cut: usize,
 }
 
-/// Drains `client`'s session: `Registration.Leave`; the hub then routes no
+/// Drains `client`'s session (`events` is its subscription): `Registration.Leave`; the hub then routes no
 /// new calls here and closes the session once it has received the end of
 /// every call in flight. Waits for that (or, against a hub without `Leave`,
 /// for the forwarded calls to finish), at most `grace`, then closes the
 /// session.
-pub async fn drain(client: &Client, forwarder: &PerConnection, grace: Duration) -> Drained {
+pub async fn drain(
+    client: &ReconnectingClient,
+    events: &mut broadcast::Receiver<ConnectionEvent>,
+    forwarder: &PerConnection,
+    grace: Duration,
+) -> Drained {
     let deadline = tokio::time::Instant::now() + grace;
     let mut rc = RegistrationClient::new(client.channel());
     let mut req = tonic::Request::new(LeaveRequest {});
@@ -46,7 +52,14 @@ pub async fn drain(client: &Client, forwarder: &PerConnection, grace: Duration) 
     };
     let done = async {
         if hub_told {
-            client.closed().await;
+            // The hub closes the session once every call in flight has ended.
+            loop {
+                match events.recv().await {
+                    Ok(ConnectionEvent::Disconnected { .. })
+                    | Err(broadcast::error::RecvError::Closed) => break,
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                }
+            }
         } else {
             forwarder.wait_idle().await;
         }

@@ -5,7 +5,7 @@
 use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
-use backchannel::{Client, ClientBuilder};
+use backchannel::{Backoff, ClientBuilder, ConnectionEvent, ReconnectingClient, Step};
 use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -226,22 +226,9 @@ type Tls = Option<(
     rustls_pki_types::ServerName<'static>,
 )>;
 
-async fn connect(
-    hub: &Target,
-    forwarder: &PerConnection,
-    tls: &Tls,
-) -> Result<Client, backchannel::Error> {
-    let routes = forwarder.clone().into_routes();
-    let mut b = ClientBuilder::new();
-    if let Some((c, n)) = tls {
-        b = b.tls(c.clone(), n.clone());
-    }
-    match hub {
-        Target::Unix(path) => b.connect_unix(path, routes).await,
-        Target::Tcp { .. } => b.connect_tcp(&hub.to_string(), routes).await,
-    }
-}
-
+/// Keeps a session to the hub with a [`ReconnectingClient`] (a new
+/// connection, session and peer ID after every loss, with backoff and
+/// jitter), announces on every new session, and drains on request.
 async fn run_loop(
     cfg: AgentConfig,
     hub: Target,
@@ -251,104 +238,93 @@ async fn run_loop(
     stop: CancellationToken,
     drain: CancellationToken,
 ) -> Option<drain::Drained> {
-    let mut delay = cfg.backoff_initial;
-    let mut tls_checked = false;
-    let stop = {
-        // A drain stops the reconnect loop too.
-        let any = CancellationToken::new();
-        let (a, s, d) = (any.clone(), stop.clone(), drain.clone());
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = s.cancelled() => {}
-                _ = d.cancelled() => {}
-            }
-            a.cancel();
-        });
-        any
+    // Only a session that stayed up resets the backoff: two agents fighting
+    // over one name then slow down instead of flapping at the initial delay.
+    let backoff = Backoff::default()
+        .with_initial(cfg.backoff_initial)
+        .with_max(cfg.backoff_max)
+        .with_reset_after(STABLE_SESSION);
+    let mut builder = ClientBuilder::new().backoff(backoff);
+    if let Some((c, n)) = &tls {
+        builder = builder.tls(c.clone(), n.clone());
+    }
+    let routes = forwarder.clone().into_routes();
+    let client = match &hub {
+        Target::Unix(path) => builder.reconnecting_unix(path, routes),
+        Target::Tcp { .. } => builder.reconnecting_tcp(&hub.to_string(), routes),
     };
+    let client = match client {
+        Ok(c) => c,
+        Err(err) => {
+            tracing::error!(hub = %hub, error = %err, "cannot dial the hub");
+            return None;
+        }
+    };
+    let mut events = client.subscribe();
+    let mut tls_checked = false;
     loop {
-        let attempt = tokio::select! {
-            r = connect(&hub, &forwarder, &tls) => r,
-            _ = stop.cancelled() => return None,
-        };
-        match attempt {
-            Ok(client) => {
-                let since = std::time::Instant::now();
-                let (peer_id, announced) = match announce(&cfg, &client).await {
-                    Ok(a) => a,
-                    Err(status) => {
-                        // Connected but unnamed would leave callers with
-                        // NOT_FOUND for ever: start over with a new session.
-                        if tls.is_none()
-                            && matches!(
-                                status.code(),
-                                tonic::Code::Unavailable
-                                    | tonic::Code::Cancelled
-                                    | tonic::Code::Unknown
-                            )
-                            && !tls_checked
-                        {
-                            tls_checked = true;
-                            if probe::hub_speaks_tls(&hub, Duration::from_secs(2)).await {
-                                tracing::error!(hub = %cfg.hub, "the hub speaks TLS but this agent connects in plaintext: pass --tls-ca (and --tls-server-name if needed)");
-                            }
-                        }
-                        if status.code() == tonic::Code::ResourceExhausted {
-                            tracing::warn!(reason = status.message(), retry_in = ?delay, "the hub refused this agent; retrying");
-                        } else {
-                            tracing::warn!(%status, retry_in = ?delay, "announcing to the hub failed; reconnecting");
-                        }
-                        client.close();
-                        let jittered = delay.mul_f64(0.5 + fastrand::f64() * 0.5);
-                        tokio::select! {
-                            _ = tokio::time::sleep(jittered) => {}
-                            _ = stop.cancelled() => return None,
-                        }
-                        delay = (delay * 2).min(cfg.backoff_max);
-                        continue;
-                    }
+        let event = tokio::select! {
+            e = events.recv() => e,
+            _ = stop.cancelled() => {
+                client.close();
+                status.send_modify(|s| s.connected = false);
+                return None;
+            }
+            _ = drain.cancelled() => {
+                let drained = if client.is_connected() {
+                    Some(drain::drain(&client, &mut events, &forwarder, cfg.grace).await)
+                } else {
+                    None
                 };
-                status.send_modify(|s| {
+                client.close();
+                status.send_modify(|s| s.connected = false);
+                return drained;
+            }
+        };
+        match event {
+            Ok(ConnectionEvent::Connected { .. }) => match announce(&cfg, &client).await {
+                Ok((peer_id, announced)) => status.send_modify(|s| {
                     s.sessions += 1;
                     s.connected = true;
                     s.peer_id = peer_id;
                     s.announced = announced;
-                });
-                tokio::select! {
-                    _ = client.closed() => {
-                        tracing::warn!(hub = %cfg.hub, "session to the hub ended; reconnecting");
+                }),
+                Err(st) => {
+                    // Connected but unnamed would leave callers with
+                    // NOT_FOUND for ever: start over with a new session.
+                    if st.code() == tonic::Code::ResourceExhausted {
+                        tracing::warn!(
+                            reason = st.message(),
+                            "the hub refused this agent; retrying"
+                        );
+                    } else {
+                        tracing::warn!(status = %st, "announcing to the hub failed; reconnecting");
                     }
-                    _ = stop.cancelled() => {
-                        let drained = if drain.is_cancelled() {
-                            Some(drain::drain(&client, &forwarder, cfg.grace).await)
-                        } else {
-                            None
-                        };
-                        client.close();
-                        status.send_modify(|s| s.connected = false);
-                        return drained;
-                    }
+                    client.reconnect();
                 }
+            },
+            Ok(ConnectionEvent::Disconnected { reason, .. }) => {
                 status.send_modify(|s| s.connected = false);
-                // Only a session that stayed up resets the backoff: two agents
-                // fighting over one name (newest wins) then slow down instead
-                // of flapping at the initial delay.
-                if since.elapsed() >= STABLE_SESSION {
-                    delay = cfg.backoff_initial;
+                tracing::warn!(hub = %hub, %reason, "session to the hub ended; reconnecting");
+            }
+            Ok(ConnectionEvent::ConnectFailed {
+                error, retry_in, ..
+            }) => {
+                let hint = connect_hint(&cfg, &error);
+                tracing::warn!(hub = %hub, error = %error, hint, ?retry_in, "cannot connect to the hub");
+                // A plaintext agent against a TLS hub only sees its session
+                // fail: look once at what the hub answers.
+                if tls.is_none() && !tls_checked && error.step() != Some(Step::Connect) {
+                    tls_checked = true;
+                    if probe::hub_speaks_tls(&hub, Duration::from_secs(2)).await {
+                        tracing::error!(hub = %hub, "the hub speaks TLS but this agent connects in plaintext: pass --tls-ca (and --tls-server-name if needed)");
+                    }
                 }
             }
-            Err(err) => {
-                let hint = connect_hint(&cfg, &err);
-                tracing::warn!(hub = %cfg.hub, error = %err, hint, retry_in = ?delay, "cannot connect to the hub");
-            }
+            // Events of a newer kind, or a subscriber that fell behind.
+            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
         }
-        // Exponential backoff with full jitter in [delay/2, delay].
-        let jittered = delay.mul_f64(0.5 + fastrand::f64() * 0.5);
-        tokio::select! {
-            _ = tokio::time::sleep(jittered) => {}
-            _ = stop.cancelled() => return None,
-        }
-        delay = (delay * 2).min(cfg.backoff_max);
     }
 }
 
@@ -357,7 +333,7 @@ async fn run_loop(
 /// failure is returned, and the caller reconnects.
 async fn announce(
     cfg: &AgentConfig,
-    client: &Client,
+    client: &ReconnectingClient,
 ) -> Result<(Option<u64>, bool), tonic::Status> {
     let labels: HashMap<String, String> = cfg.labels.iter().cloned().collect();
     let mut rc = RegistrationClient::new(client.channel());
