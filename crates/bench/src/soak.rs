@@ -129,6 +129,23 @@ impl Echo for Svc {
 
 // ---------------------------------------------------------------- the hub process
 
+/// The `backchannel` binary: `$BACKCHANNEL_BIN`, else the one built next to
+/// this benchmark (`cargo build --release -p backchannel-cli`).
+fn hub_binary() -> anyhow::Result<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("BACKCHANNEL_BIN") {
+        return Ok(p.into());
+    }
+    let exe = std::env::current_exe().context("finding this executable")?;
+    let bin = exe.with_file_name("backchannel");
+    if !bin.exists() {
+        bail!(
+            "no backchannel binary at {} (build it with `cargo build --release -p backchannel-cli`, or set BACKCHANNEL_BIN)",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
 struct HubProc {
     child: tokio::process::Child,
     addr: std::net::SocketAddr,
@@ -137,7 +154,7 @@ struct HubProc {
 
 impl HubProc {
     async fn start() -> anyhow::Result<HubProc> {
-        let exe = std::env::current_exe().context("finding this executable")?;
+        let exe = hub_binary()?;
         let mut child = tokio::process::Command::new(exe)
             .args(["hub", "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"])
             .args(["--grace", "5"])
