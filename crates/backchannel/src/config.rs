@@ -35,6 +35,8 @@ pub struct SessionConfig {
     write_timeout: Duration,
     max_streams: usize,
     handshake_timeout: Duration,
+    stream_close_timeout: Duration,
+    max_buffered: usize,
 }
 
 impl SessionConfig {
@@ -53,6 +55,8 @@ impl SessionConfig {
             write_timeout: Duration::from_secs(10),
             max_streams: 1024,
             handshake_timeout: Duration::from_secs(10),
+            stream_close_timeout: backchannel_yamux::Config::default().stream_close_timeout(),
+            max_buffered: backchannel_yamux::Config::default().max_buffered(),
         }
     }
 
@@ -133,6 +137,31 @@ impl SessionConfig {
         self
     }
 
+    /// After we closed our half of a stream, how long the peer may keep its
+    /// half open before the stream is reset and freed (hashicorp's
+    /// `StreamCloseTimeout`; 5 min, as Gitaly).
+    pub fn stream_close_timeout(&self) -> Duration {
+        self.stream_close_timeout
+    }
+
+    /// Sets [`stream_close_timeout`](Self::stream_close_timeout).
+    pub fn with_stream_close_timeout(mut self, timeout: Duration) -> Self {
+        self.stream_close_timeout = timeout;
+        self
+    }
+
+    /// Most bytes the session holds for its streams' readers, whatever the
+    /// peer sends (32 MiB); past it, a stream that would exceed it is reset.
+    pub fn max_buffered(&self) -> usize {
+        self.max_buffered
+    }
+
+    /// Sets [`max_buffered`](Self::max_buffered).
+    pub fn with_max_buffered(mut self, bytes: usize) -> Self {
+        self.max_buffered = bytes;
+        self
+    }
+
     /// Most streams open at once in the session.
     pub fn max_streams(&self) -> usize {
         self.max_streams
@@ -165,5 +194,7 @@ impl SessionConfig {
             .with_keepalive(self.keepalive)
             .with_keepalive_timeout(self.keepalive_timeout)
             .with_write_timeout(self.write_timeout)
+            .with_stream_close_timeout(self.stream_close_timeout)
+            .with_max_buffered(self.max_buffered)
     }
 }
