@@ -41,7 +41,7 @@ pub enum AddrError {
     #[error("unsupported scheme '{0}://' (use host:port, tcp://host:port, http://host:port or unix:PATH)")]
     Scheme(String),
     /// No `:port`.
-    #[error("'{0}' has no port (expected host:port)")]
+    #[error("'{0}' has no port (expected HOST:PORT)")]
     NoPort(String),
     /// The port is not a number from 1 to 65535.
     #[error("'{0}' is not a port number from 1 to 65535")]
@@ -81,65 +81,83 @@ impl Target {
     }
 }
 
+impl Target {
+    /// Parses a place to listen on: like [`FromStr`], but a TCP port may be
+    /// 0 (any free port).
+    ///
+    /// ```
+    /// use backchannel_sidecar::addr::Target;
+    /// assert!(Target::parse_listen("127.0.0.1:0").is_ok());
+    /// assert!("127.0.0.1:0".parse::<Target>().is_err());
+    /// ```
+    pub fn parse_listen(s: &str) -> Result<Self, AddrError> {
+        parse(s, true)
+    }
+}
+
 impl FromStr for Target {
     type Err = AddrError;
 
     fn from_str(s: &str) -> Result<Self, AddrError> {
-        let s = s.trim();
-        if s.is_empty() {
-            return Err(AddrError::Empty);
-        }
-        if let Some(path) = s
-            .strip_prefix("unix://")
-            .or_else(|| s.strip_prefix("unix:"))
-        {
-            if path.is_empty() {
-                return Err(AddrError::NoUnixPath);
-            }
-            return Ok(Target::Unix(PathBuf::from(path)));
-        }
-        let rest = match s.split_once("://") {
-            Some(("tcp" | "http", rest)) => rest,
-            Some((scheme, _)) => return Err(AddrError::Scheme(scheme.to_string())),
-            None => s,
-        };
-        let rest = rest.strip_suffix('/').unwrap_or(rest);
-        if rest.contains('/') {
-            return Err(AddrError::Path(s.to_string()));
-        }
-        let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
-            let (host, after) = v6
-                .split_once(']')
-                .ok_or_else(|| AddrError::BadHost(rest.to_string()))?;
-            if host.parse::<std::net::Ipv6Addr>().is_err() {
-                return Err(AddrError::BadHost(host.to_string()));
-            }
-            let port = after
-                .strip_prefix(':')
-                .ok_or_else(|| AddrError::NoPort(s.to_string()))?;
-            (host, port)
-        } else {
-            let (host, port) = rest
-                .rsplit_once(':')
-                .ok_or_else(|| AddrError::NoPort(s.to_string()))?;
-            let valid = !host.is_empty()
-                && host
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
-            if !valid {
-                return Err(AddrError::BadHost(host.to_string()));
-            }
-            (host, port)
-        };
-        let port = match port.parse::<u16>() {
-            Ok(p) if p > 0 => p,
-            _ => return Err(AddrError::BadPort(port.to_string())),
-        };
-        Ok(Target::Tcp {
-            host: host.to_string(),
-            port,
-        })
+        parse(s, false)
     }
+}
+
+fn parse(s: &str, any_port: bool) -> Result<Target, AddrError> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err(AddrError::Empty);
+    }
+    if let Some(path) = s
+        .strip_prefix("unix://")
+        .or_else(|| s.strip_prefix("unix:"))
+    {
+        if path.is_empty() {
+            return Err(AddrError::NoUnixPath);
+        }
+        return Ok(Target::Unix(PathBuf::from(path)));
+    }
+    let rest = match s.split_once("://") {
+        Some(("tcp" | "http", rest)) => rest,
+        Some((scheme, _)) => return Err(AddrError::Scheme(scheme.to_string())),
+        None => s,
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.contains('/') {
+        return Err(AddrError::Path(s.to_string()));
+    }
+    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+        let (host, after) = v6
+            .split_once(']')
+            .ok_or_else(|| AddrError::BadHost(rest.to_string()))?;
+        if host.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(AddrError::BadHost(host.to_string()));
+        }
+        let port = after
+            .strip_prefix(':')
+            .ok_or_else(|| AddrError::NoPort(s.to_string()))?;
+        (host, port)
+    } else {
+        let (host, port) = rest
+            .rsplit_once(':')
+            .ok_or_else(|| AddrError::NoPort(s.to_string()))?;
+        let valid = !host.is_empty()
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+        if !valid {
+            return Err(AddrError::BadHost(host.to_string()));
+        }
+        (host, port)
+    };
+    let port = match port.parse::<u16>() {
+        Ok(p) if p > 0 || any_port => p,
+        _ => return Err(AddrError::BadPort(port.to_string())),
+    };
+    Ok(Target::Tcp {
+        host: host.to_string(),
+        port,
+    })
 }
 
 impl fmt::Display for Target {

@@ -83,7 +83,7 @@ pub fn count(s: &str) -> Result<usize, String> {
 /// `host:port` with a numeric port (host may be a name, an IPv4 address or
 /// a bracketed IPv6 address).
 pub fn host_port(s: &str) -> Result<String, String> {
-    match s.parse::<Target>() {
+    match Target::parse_listen(s) {
         Ok(t @ Target::Tcp { .. }) if !s.contains("://") => Ok(t.to_string()),
         Ok(_) => Err(format!("'{s}' is not HOST:PORT")),
         Err(e) => Err(format!(

@@ -108,6 +108,9 @@ impl Default for HubConfig {
     }
 }
 
+/// The buffer budget of each agent's session on the hub.
+const HUB_SESSION_BUFFER: usize = 256 << 20;
+
 /// A running hub.
 pub struct Hub {
     /// The bound TCP address, if listening on TCP.
@@ -176,7 +179,13 @@ impl Hub {
         let side_tasks = vec![limits::spawn_heap_trimmer(state.clone())];
         let isolation = isolation::Isolation::new(cfg.isolated_callers_per_peer);
 
-        let session = SessionConfig::server().with_handshake_timeout(cfg.handshake_timeout);
+        // An agent's session carries every caller's isolated HTTP/2
+        // connection (one yamux stream each, up to a 4 MiB window): its
+        // buffer budget must cover many stalled callers at once, or one
+        // caller that stops reading would exhaust it for the others.
+        let session = SessionConfig::server()
+            .with_handshake_timeout(cfg.handshake_timeout)
+            .with_max_buffered(HUB_SESSION_BUFFER);
         let mut mux = ListenMux::builder()
             .sniff_timeout(cfg.handshake_timeout)
             .max_pending(cfg.max_pending.max(1))
