@@ -366,15 +366,13 @@ async fn announce(
 /// on one side only.
 fn connect_hint(cfg: &AgentConfig, err: &backchannel::Error) -> &'static str {
     let text = error_chain(err).to_ascii_lowercase();
-    if cfg.tls_ca.is_some() {
-        if text.contains("corrupt message")
-            || text.contains("invalidcontenttype")
-            || text.contains("wrong version")
-            || text.contains("unexpected eof")
-            || text.contains("handshake")
-        {
-            return "TLS handshake with the hub failed: is the hub serving plaintext (started without --tls-cert)? Then drop --tls-ca";
-        }
+    let tls_failed = text.contains("corrupt message")
+        || text.contains("invalidcontenttype")
+        || text.contains("wrong version")
+        || text.contains("unexpected eof")
+        || text.contains("handshake");
+    if cfg.tls_ca.is_some() && tls_failed {
+        return "TLS handshake with the hub failed: is the hub serving plaintext (started without --tls-cert)? Then drop --tls-ca";
     }
     ""
 }

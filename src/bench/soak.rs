@@ -4,7 +4,7 @@
 //!
 //! Phases, in order:
 //! 1. **flood**: one source (127.0.0.2) holds `--flood` silent or trickling
-//!    connections (reopening what the hub closes) while connections from
+//!    connections (reopening, a second later, each one the hub closes) while connections from
 //!    other sources (127.0.0.3...) each connect, start HTTP/2 and make one
 //!    routed call: share served and p99 time to the answer.
 //! 2. **fake peers**: `--fake-peers` sessions that speak HTTP/2 but never
@@ -69,6 +69,9 @@ pub struct SoakArgs {
     /// minute).
     #[arg(long, value_parser = crate::hub::flags::count)]
     pub fake_peers: Option<usize>,
+    /// Write the hub's log (stderr; RUST_LOG applies) to this file.
+    #[arg(long, value_name = "FILE")]
+    pub hub_log: Option<std::path::PathBuf>,
 }
 
 // ---------------------------------------------------------------- the service
@@ -138,13 +141,17 @@ struct HubProc {
 }
 
 impl HubProc {
-    async fn start() -> anyhow::Result<HubProc> {
+    async fn start(log: Option<&std::path::Path>) -> anyhow::Result<HubProc> {
         let exe = std::env::current_exe().context("finding this executable")?;
+        let stderr = match log {
+            Some(p) => Stdio::from(std::fs::File::create(p).context("creating the hub log")?),
+            None => Stdio::null(),
+        };
         let mut child = tokio::process::Command::new(exe)
             .args(["hub", "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"])
-            .args(["--grace", "5"])
+            .args(["--grace", "5", "--max-peers", "100000"])
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .kill_on_drop(true)
             .spawn()
             .context("starting the hub")?;
@@ -374,8 +381,8 @@ async fn flood(
                                 }
                             }
                         }
-                        // Closed by the hub: reopen, a little later.
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        // Closed by the hub: reopen, a second later.
+                        tokio::time::sleep(Duration::from_secs(1)).await;
                     }
                 })
             };
@@ -716,7 +723,7 @@ pub async fn run(a: &SoakArgs) -> anyhow::Result<()> {
             .add_service(EchoServer::new(Svc))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(svc_l)),
     );
-    let hub = Arc::new(HubProc::start().await?);
+    let hub = Arc::new(HubProc::start(a.hub_log.as_deref()).await?);
     // Warm up with one agent and a call, then measure the start.
     let target = start_agent(&hub, "soak-target", &svc).await?;
     plain(hub.addr)
