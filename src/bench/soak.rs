@@ -5,8 +5,8 @@
 //! Phases, in order:
 //! 1. **flood**: one source (127.0.0.2) holds `--flood` silent or trickling
 //!    connections (reopening, a second later, each one the hub closes) while connections from
-//!    other sources (127.0.0.3...) each connect, start HTTP/2 and make one
-//!    routed call: share served and p99 time to the answer.
+//!    other sources (127.0.0.3...) each connect, start HTTP/2 and ask the
+//!    hub's health service: share served and p99 time to the answer.
 //! 2. **fake peers**: `--fake-peers` sessions that speak HTTP/2 but never
 //!    announce connect and leave: hub RSS before, at the peak, after.
 //! 3. **slow readers**: a caller's p99 to one agent, then again while
@@ -404,9 +404,21 @@ async fn flood(
         .map(|i| async move {
             let from = [127, 0, 0, 3 + (i % 60) as u8];
             let t = Instant::now();
+            // Connect, HTTP/2, and the hub's own health check: the
+            // handshake, without the (busy) agent in this process.
             let call = async {
-                let mut c = raw_from(from, addr).await.ok()?;
-                c.unary(to("soak-target", echo("hi", 0), Duration::from_secs(5)))
+                let tcp = connect_from(from, addr).await.ok()?;
+                let (send, conn) = hyper::client::conn::http2::handshake(
+                    hyper_util::rt::TokioExecutor::new(),
+                    hyper_util::rt::TokioIo::new(tcp),
+                )
+                .await
+                .ok()?;
+                tokio::spawn(conn);
+                let origin = format!("http://{addr}").parse().ok()?;
+                let mut h =
+                    tonic_health::pb::health_client::HealthClient::with_origin(RawH2(send), origin);
+                h.check(tonic_health::pb::HealthCheckRequest::default())
                     .await
                     .ok()
             };
@@ -742,7 +754,7 @@ pub async fn run(a: &SoakArgs) -> anyhow::Result<()> {
 
     let (served, others, f50, f99) = flood(&hub, flood_n, 500).await?;
     println!(
-        "flood: one source holding {flood_n} silent/trickling connections: {served}/{others} new connections from other sources served ({:.1}%), connect + HTTP/2 + first routed call p50 {:.1} ms, p99 {:.1} ms",
+        "flood: one source holding {flood_n} silent/trickling connections: {served}/{others} new connections from other sources served ({:.1}%), connect + HTTP/2 + health check p50 {:.1} ms, p99 {:.1} ms",
         100.0 * served as f64 / others as f64,
         f50.as_secs_f64() * 1e3,
         f99.as_secs_f64() * 1e3

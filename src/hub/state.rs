@@ -158,6 +158,11 @@ impl HubState {
             if t.names.get(&e.name) == Some(&id) {
                 t.names.remove(&e.name);
             }
+            // Give back what a burst of peers grew the tables to.
+            if t.peers.capacity() > 4 * t.peers.len() + 256 {
+                t.peers.shrink_to_fit();
+                t.names.shrink_to_fit();
+            }
             self.metrics.sessions_closed.fetch_add(1, Ordering::Relaxed);
             to_pb(&e)
         };
@@ -333,7 +338,14 @@ impl HubState {
             .get(&id)
             .map(|e| e.counters.clone())
             .ok_or_else(|| Status::unavailable(format!("{label} is gone")))?;
+        // Count the call before looking at `leaving`: a drain sets `leaving`
+        // before it reads `in_flight`, so either it waits for this call or
+        // this call sees the drain (both SeqCst).
+        counters.in_flight.fetch_add(1, Ordering::SeqCst);
         if counters.leaving.load(Ordering::SeqCst) {
+            if counters.in_flight.fetch_sub(1, Ordering::SeqCst) <= 1 {
+                counters.idle.notify_waiters();
+            }
             return Err(Status::unavailable(format!(
                 "{label} is leaving (draining its calls); not routing new calls to it"
             )));
@@ -400,8 +412,8 @@ struct CallGuard {
 }
 
 impl CallGuard {
+    /// `counters.in_flight` already counts the call.
     fn start(state: Arc<HubState>, counters: Arc<PeerCounters>) -> Self {
-        counters.in_flight.fetch_add(1, Ordering::SeqCst);
         counters.calls.fetch_add(1, Ordering::Relaxed);
         state.in_flight.fetch_add(1, Ordering::SeqCst);
         state.metrics.streams_opened.fetch_add(1, Ordering::Relaxed);
