@@ -164,7 +164,16 @@ impl Registry {
     }
 
     pub(crate) fn remove(&self, id: PeerId) {
-        if self.peers().remove(&id).is_some() {
+        let removed = {
+            let mut peers = self.peers();
+            let removed = peers.remove(&id);
+            // Give back what a burst of peers grew the table to.
+            if peers.capacity() > 4 * peers.len() + 256 {
+                peers.shrink_to_fit();
+            }
+            removed
+        };
+        if removed.is_some() {
             let _ = self.inner.events.send(PeerEvent::Disconnected(id));
         }
     }

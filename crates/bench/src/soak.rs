@@ -4,9 +4,9 @@
 //!
 //! Phases, in order:
 //! 1. **flood**: one source (127.0.0.2) holds `--flood` silent or trickling
-//!    connections (reopening what the hub closes) while connections from
-//!    other sources (127.0.0.3...) each connect, start HTTP/2 and make one
-//!    routed call: share served and p99 time to the answer.
+//!    connections (reopening, a second later, each one the hub closes) while connections from
+//!    other sources (127.0.0.3...) each connect, start HTTP/2 and ask the
+//!    hub's health service: share served and p99 time to the answer.
 //! 2. **fake peers**: `--fake-peers` sessions that speak HTTP/2 but never
 //!    announce connect and leave: hub RSS before, at the peak, after.
 //! 3. **slow readers**: a caller's p99 to one agent, then again while
@@ -67,6 +67,9 @@ pub struct SoakArgs {
     /// minute).
     #[arg(long, value_parser = backchannel_sidecar::hub::flags::count)]
     pub fake_peers: Option<usize>,
+    /// Write the hub's log (stderr; RUST_LOG applies) to this file.
+    #[arg(long, value_name = "FILE")]
+    pub hub_log: Option<std::path::PathBuf>,
 }
 
 // ---------------------------------------------------------------- the service
@@ -153,13 +156,17 @@ struct HubProc {
 }
 
 impl HubProc {
-    async fn start() -> anyhow::Result<HubProc> {
+    async fn start(log: Option<&std::path::Path>) -> anyhow::Result<HubProc> {
         let exe = hub_binary()?;
+        let stderr = match log {
+            Some(p) => Stdio::from(std::fs::File::create(p).context("creating the hub log")?),
+            None => Stdio::null(),
+        };
         let mut child = tokio::process::Command::new(exe)
             .args(["hub", "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"])
-            .args(["--grace", "5"])
+            .args(["--grace", "5", "--max-peers", "100000"])
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .kill_on_drop(true)
             .spawn()
             .context("starting the hub")?;
@@ -389,8 +396,8 @@ async fn flood(
                                 }
                             }
                         }
-                        // Closed by the hub: reopen, a little later.
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        // Closed by the hub: reopen, a second later.
+                        tokio::time::sleep(Duration::from_secs(1)).await;
                     }
                 })
             };
@@ -412,9 +419,21 @@ async fn flood(
         .map(|i| async move {
             let from = [127, 0, 0, 3 + (i % 60) as u8];
             let t = Instant::now();
+            // Connect, HTTP/2, and the hub's own health check: the
+            // handshake, without the (busy) agent in this process.
             let call = async {
-                let mut c = raw_from(from, addr).await.ok()?;
-                c.unary(to("soak-target", echo("hi", 0), Duration::from_secs(5)))
+                let tcp = connect_from(from, addr).await.ok()?;
+                let (send, conn) = hyper::client::conn::http2::handshake(
+                    hyper_util::rt::TokioExecutor::new(),
+                    hyper_util::rt::TokioIo::new(tcp),
+                )
+                .await
+                .ok()?;
+                tokio::spawn(conn);
+                let origin = format!("http://{addr}").parse().ok()?;
+                let mut h =
+                    tonic_health::pb::health_client::HealthClient::with_origin(RawH2(send), origin);
+                h.check(tonic_health::pb::HealthCheckRequest::default())
                     .await
                     .ok()
             };
@@ -731,7 +750,7 @@ pub async fn run(a: &SoakArgs) -> anyhow::Result<()> {
             .add_service(EchoServer::new(Svc))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(svc_l)),
     );
-    let hub = Arc::new(HubProc::start().await?);
+    let hub = Arc::new(HubProc::start(a.hub_log.as_deref()).await?);
     // Warm up with one agent and a call, then measure the start.
     let target = start_agent(&hub, "soak-target", &svc).await?;
     plain(hub.addr)
@@ -750,7 +769,7 @@ pub async fn run(a: &SoakArgs) -> anyhow::Result<()> {
 
     let (served, others, f50, f99) = flood(&hub, flood_n, 500).await?;
     println!(
-        "flood: one source holding {flood_n} silent/trickling connections: {served}/{others} new connections from other sources served ({:.1}%), connect + HTTP/2 + first routed call p50 {:.1} ms, p99 {:.1} ms",
+        "flood: one source holding {flood_n} silent/trickling connections: {served}/{others} new connections from other sources served ({:.1}%), connect + HTTP/2 + health check p50 {:.1} ms, p99 {:.1} ms",
         100.0 * served as f64 / others as f64,
         f50.as_secs_f64() * 1e3,
         f99.as_secs_f64() * 1e3

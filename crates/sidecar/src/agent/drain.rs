@@ -33,6 +33,7 @@ pub async fn drain(
     grace: Duration,
 ) -> Drained {
     let deadline = tokio::time::Instant::now() + grace;
+    let mut ended = false;
     let mut rc = RegistrationClient::new(client.channel());
     let mut req = tonic::Request::new(LeaveRequest {});
     req.set_timeout(grace.clamp(Duration::from_millis(100), Duration::from_secs(5)));
@@ -45,20 +46,27 @@ pub async fn drain(
             true
         }
         Ok(Err(status)) => {
-            tracing::warn!(%status, "the hub did not take the leave; draining anyway");
-            false
+            // With nothing in flight the hub closes the session at once,
+            // which can beat its answer to us: that is a completed leave.
+            if tokio::time::timeout(Duration::from_millis(200), session_ended(events))
+                .await
+                .is_ok()
+            {
+                tracing::info!("the hub closed the session on our leave");
+                ended = true;
+                true
+            } else {
+                tracing::warn!(%status, "the hub did not take the leave; draining anyway");
+                false
+            }
         }
         Err(_) => false,
     };
     let done = async {
         if hub_told {
             // The hub closes the session once every call in flight has ended.
-            loop {
-                match events.recv().await {
-                    Ok(ConnectionEvent::Disconnected { .. })
-                    | Err(broadcast::error::RecvError::Closed) => break,
-                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                }
+            if !ended {
+                session_ended(events).await;
             }
         } else {
             forwarder.wait_idle().await;
@@ -78,4 +86,16 @@ pub async fn drain(
     };
     client.close();
     Drained { hub_told, cut }
+}
+
+/// Waits for the session of the moment to end.
+async fn session_ended(events: &mut broadcast::Receiver<ConnectionEvent>) {
+    loop {
+        match events.recv().await {
+            Ok(ConnectionEvent::Disconnected { .. }) | Err(broadcast::error::RecvError::Closed) => {
+                return
+            }
+            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+        }
+    }
 }

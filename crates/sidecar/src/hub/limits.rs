@@ -60,3 +60,33 @@ pub fn trim_heap() -> Duration {
     }
     t.elapsed()
 }
+
+/// Listen backlog of the hub's TCP listener (the kernel caps it at
+/// `net.core.somaxconn`). Deeper than tokio's 1024, so a burst of
+/// connections from one source (closed at once by the source limits) does
+/// not overflow the queue and make other clients' SYNs wait for a
+/// retransmit.
+pub const LISTEN_BACKLOG: u32 = 8192;
+
+/// Binds `addr` (`host:port`) with [`LISTEN_BACKLOG`].
+pub async fn bind_tcp(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        let socket = if a.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        match socket.bind(a).and_then(|()| socket.listen(LISTEN_BACKLOG)) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::AddrNotAvailable,
+            "no address to listen on",
+        )
+    }))
+}

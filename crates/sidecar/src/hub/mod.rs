@@ -216,7 +216,7 @@ impl Hub {
         let mut streams: Vec<ConnStream> = Vec::new();
         let mut addr = None;
         if let Some(listen) = &cfg.listen {
-            let l = tokio::net::TcpListener::bind(listen)
+            let l = limits::bind_tcp(listen)
                 .await
                 .with_context(|| format!("listening on {listen}"))?;
             let local = l.local_addr()?;

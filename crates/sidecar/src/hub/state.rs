@@ -211,6 +211,11 @@ impl HubState {
             if t.names.get(&e.name) == Some(&id) {
                 t.names.remove(&e.name);
             }
+            // Give back what a burst of peers grew the tables to.
+            if t.peers.capacity() > 4 * t.peers.len() + 256 {
+                t.peers.shrink_to_fit();
+                t.names.shrink_to_fit();
+            }
             self.metrics.sessions_closed.inc();
             to_pb(&e)
         };
@@ -442,7 +447,15 @@ impl HubState {
                 ))))
             }
         };
-        if entry.counters.leaving.load(Ordering::SeqCst) {
+        let counters = entry.counters.clone();
+        // Count the call before looking at `leaving`: a drain sets `leaving`
+        // before it reads `in_flight`, so either it waits for this call or
+        // this call sees the drain (both SeqCst).
+        counters.in_flight.fetch_add(1, Ordering::SeqCst);
+        if counters.leaving.load(Ordering::SeqCst) {
+            if counters.in_flight.fetch_sub(1, Ordering::SeqCst) <= 1 {
+                counters.idle.notify_waiters();
+            }
             return Err(Unroutable::Status(Status::unavailable(format!(
                 "{label} is leaving (draining its calls); not routing new calls to it"
             ))));
@@ -450,7 +463,7 @@ impl HubState {
         let route = Route {
             channel,
             label,
-            observer: Arc::new(CallGuard::start(self.clone(), entry.counters.clone())),
+            observer: Arc::new(CallGuard::start(self.clone(), counters)),
             peer_id: id,
             peer_name: entry.name.clone(),
         };
@@ -552,8 +565,8 @@ struct CallGuard {
 }
 
 impl CallGuard {
+    /// `counters.in_flight` already counts the call.
     fn start(state: Arc<HubState>, counters: Arc<PeerCounters>) -> Self {
-        counters.in_flight.fetch_add(1, Ordering::SeqCst);
         counters.calls.fetch_add(1, Ordering::Relaxed);
         state.in_flight.fetch_add(1, Ordering::SeqCst);
         state.metrics.streams_opened.inc();
