@@ -916,7 +916,7 @@ async fn token_over_plaintext_non_loopback_is_refused() {
     std::fs::write(&token_file, "agent-secret").unwrap();
     let mut cfg = AgentConfig::new("192.0.2.1:7443", "x", "127.0.0.1:1");
     cfg.token_file = Some(token_file);
-    let err = Agent::start(cfg).err().expect("refused").to_string();
+    let err = Agent::start(cfg).expect_err("refused").to_string();
     assert!(err.contains("--tls-ca"), "{err}");
 
     let Some(ip) = non_loopback_ip() else {
@@ -975,8 +975,7 @@ async fn an_open_hub_only_listens_on_loopback_unless_told_otherwise() {
         ..HubConfig::default()
     })
     .await
-    .err()
-    .expect("an open hub on 0.0.0.0 is refused")
+    .expect_err("an open hub on 0.0.0.0 is refused")
     .to_string();
     assert!(
         err.contains("--policy") && err.contains("--allow-anyone"),
