@@ -253,6 +253,9 @@ impl HubProc {
     /// leave), at most `limit` later.
     async fn settled_rss(&self, limit: Duration) -> u64 {
         let t = Instant::now();
+        // The hub trims at most once a second, up to a second after a burst
+        // of leaves: give it that before judging that RSS has settled.
+        tokio::time::sleep(Duration::from_millis(2100).min(limit)).await;
         let mut last = self.rss_kib();
         loop {
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -522,7 +525,17 @@ async fn slow_readers(hub: &HubProc) -> anyhow::Result<(Duration, Duration)> {
             .await?,
         );
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Let the windows fill: wait until the agent's bytes stop arriving.
+    let key = "backchannel_hub_bytes_total{direction=\"from_peer\"}";
+    let mut last = -1.0;
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = hub.metrics().await?.get(key).copied().unwrap_or(0.0);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
     let during = pct(run(500).await?, 99);
     drop(stalled);
     let _ = good
