@@ -262,27 +262,14 @@ async fn run_loop(
     };
     let mut events = client.subscribe();
     let mut tls_checked = false;
+    // A session may have come up before the subscription: announce on it
+    // too, and on each session only once.
+    let mut announced_session = 0u64;
+    let mut pending = client.session();
     loop {
-        let event = tokio::select! {
-            e = events.recv() => e,
-            _ = stop.cancelled() => {
-                client.close();
-                status.send_modify(|s| s.connected = false);
-                return None;
-            }
-            _ = drain.cancelled() => {
-                let drained = if client.is_connected() {
-                    Some(drain::drain(&client, &mut events, &forwarder, cfg.grace).await)
-                } else {
-                    None
-                };
-                client.close();
-                status.send_modify(|s| s.connected = false);
-                return drained;
-            }
-        };
-        match event {
-            Ok(ConnectionEvent::Connected { .. }) => match announce(&cfg, &client).await {
+        if let Some(session) = pending.take().filter(|&n| n > announced_session) {
+            announced_session = session;
+            match announce(&cfg, &client).await {
                 Ok((peer_id, announced)) => status.send_modify(|s| {
                     s.sessions += 1;
                     s.connected = true;
@@ -302,7 +289,29 @@ async fn run_loop(
                     }
                     client.reconnect();
                 }
-            },
+            }
+            continue;
+        }
+        let event = tokio::select! {
+            e = events.recv() => e,
+            _ = stop.cancelled() => {
+                client.close();
+                status.send_modify(|s| s.connected = false);
+                return None;
+            }
+            _ = drain.cancelled() => {
+                let drained = if client.is_connected() {
+                    Some(drain::drain(&client, &mut events, &forwarder, cfg.grace).await)
+                } else {
+                    None
+                };
+                client.close();
+                status.send_modify(|s| s.connected = false);
+                return drained;
+            }
+        };
+        match event {
+            Ok(ConnectionEvent::Connected { session, .. }) => pending = Some(session),
             Ok(ConnectionEvent::Disconnected { reason, .. }) => {
                 status.send_modify(|s| s.connected = false);
                 tracing::warn!(hub = %hub, %reason, "session to the hub ended; reconnecting");
