@@ -212,7 +212,7 @@ impl HubProc {
     /// The hub's metrics as `name{labels}` -> value.
     async fn metrics(&self) -> anyhow::Result<HashMap<String, f64>> {
         let mut s = tokio::net::TcpStream::connect(&self.metrics).await?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             .await?;
         let mut body = String::new();
         s.read_to_string(&mut body).await?;
