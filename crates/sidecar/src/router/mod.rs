@@ -386,7 +386,7 @@ mod tests {
         assert_eq!(p("x"), None);
         assert_eq!(p("123456789S"), None);
         assert_eq!(p("10q"), None);
-        // Digits only, as the spec says (found by the hub_inputs fuzz target).
+        // Digits only, as the spec says: `u64::from_str` alone would take "+5".
         assert_eq!(p("+5S"), None);
         assert_eq!(p("S"), None);
     }
