@@ -201,7 +201,7 @@ impl Registry {
     ///
     /// ```
     /// let registry = backchannel::Registry::new();
-    /// assert!(registry.dedicated_backchannel(7).is_err());
+    /// assert!(registry.dedicated_backchannel(backchannel::PeerId::new(7)).is_err());
     /// ```
     pub fn dedicated_backchannel(&self, id: PeerId) -> Result<PeerChannel, Error> {
         let peers = self.peers();

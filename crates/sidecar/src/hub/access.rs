@@ -60,7 +60,7 @@ impl Access {
     /// No policy: everyone may do everything.
     ///
     /// ```
-    /// let a = backchannel_cli::hub::access::Access::open();
+    /// let a = backchannel_sidecar::hub::access::Access::open();
     /// assert!(!a.enforcing());
     /// ```
     pub fn open() -> Arc<Access> {

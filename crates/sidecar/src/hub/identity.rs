@@ -43,8 +43,8 @@ impl std::fmt::Display for CertName {
 /// ```
 /// let cert = rcgen::generate_simple_self_signed(vec!["ops.example.org".into()]).unwrap();
 /// assert_eq!(
-///     backchannel_cli::hub::identity::cert_name(cert.cert.der()),
-///     Some(backchannel_cli::hub::identity::CertName::Dns("ops.example.org".into()))
+///     backchannel_sidecar::hub::identity::cert_name(cert.cert.der()),
+///     Some(backchannel_sidecar::hub::identity::CertName::Dns("ops.example.org".into()))
 /// );
 /// ```
 pub fn cert_name(der: &[u8]) -> Option<CertName> {
@@ -108,15 +108,16 @@ pub fn bearer_token(
 ///
 /// ```
 /// use listenmux::{ConnInfo, Transport};
-/// use backchannel_cli::hub::identity::token_transport_ok;
-/// let lan = ConnInfo {
-///     transport: Transport::Tcp,
-///     remote_addr: Some("192.0.2.7:40000".parse().unwrap()),
-///     local_addr: Some("192.0.2.1:7443".parse().unwrap()),
-///     ..ConnInfo::default()
-/// };
+/// use backchannel_sidecar::hub::identity::token_transport_ok;
+/// let lan = ConnInfo::new(Transport::Tcp)
+///     .with_remote_addr(Some("192.0.2.7:40000".parse().unwrap()))
+///     .with_local_addr(Some("192.0.2.1:7443".parse().unwrap()));
 /// assert!(!token_transport_ok(Some(&lan)));
-/// assert!(token_transport_ok(Some(&ConnInfo { tls: true, ..lan })));
+/// let lo = ConnInfo::new(Transport::Tcp)
+///     .with_remote_addr(Some("127.0.0.1:40000".parse().unwrap()))
+///     .with_local_addr(Some("127.0.0.1:7443".parse().unwrap()));
+/// assert!(token_transport_ok(Some(&lo)));
+/// assert!(token_transport_ok(Some(&ConnInfo::new(Transport::Unix))));
 /// ```
 pub fn token_transport_ok(info: Option<&ConnInfo>) -> bool {
     let Some(info) = info else {

@@ -217,7 +217,7 @@ impl Policy {
     /// Parses policy text; `path` names it in errors.
     ///
     /// ```
-    /// use backchannel_cli::hub::policy::Policy;
+    /// use backchannel_sidecar::hub::policy::Policy;
     /// let p = Policy::parse("p.toml", r#"
     /// [identity.ops]
     /// cert_dns = "ops.example.org"
