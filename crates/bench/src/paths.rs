@@ -235,8 +235,19 @@ pub async fn yamux_pair(
     let driver = tokio::spawn(async move {
         let _ = conn.await;
     });
-    let stream = control.open_stream()?;
-    let server_io = server_side.await??;
+    let mut stream = control.open_stream()?;
+    // The server makes a session a peer only once HTTP/2 starts on stream 1:
+    // send the client preface and an empty SETTINGS frame, and drop them
+    // again at the server end (they come first, replayed).
+    const H2_START: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
+    stream.write_all(H2_START).await?;
+    let mut server_io = server_side.await??;
+    let mut start = [0u8; H2_START.len()];
+    server_io.read_exact(&mut start).await?;
+    anyhow::ensure!(
+        start == H2_START,
+        "the server end did not replay the HTTP/2 start"
+    );
     Ok((stream, server_io, vec![Task(driver)]))
 }
 

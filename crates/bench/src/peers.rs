@@ -1,5 +1,5 @@
 //! `bench peers N`: N idle backchannel peers on one server. The clients run
-//! in a child process of this binary (`bench peers-child`) so the server's
+//! in a child process of this binary (`peers-child`) so the server's
 //! RSS is measured alone.
 
 use std::{
@@ -193,7 +193,7 @@ pub async fn run(a: &PeersArgs, quiet: bool) -> anyhow::Result<PeersResult> {
     } else {
         let exe = std::env::current_exe().context("finding this executable")?;
         let mut cmd = tokio::process::Command::new(exe);
-        cmd.args(["bench", "peers-child", "--addr", &server.addr])
+        cmd.args(["peers-child", "--addr", &server.addr])
             .args([
                 "-n",
                 &n.to_string(),
