@@ -56,10 +56,10 @@ impl SessionConfig {
             max_streams: 1024,
             handshake_timeout: Duration::from_secs(10),
             stream_close_timeout: backchannel_yamux::Config::default().stream_close_timeout(),
-            // yamux charges a frame slice for the whole read buffer it pins
-            // (up to 16x its size), so one 4 MiB window can be charged 64 MiB:
-            // a budget below that resets healthy streams.
-            max_buffered: 256 << 20,
+            // Sixteen 4 MiB windows left unread at once, with the read
+            // buffers they pin; past it the stream holding the most unread
+            // data is reset.
+            max_buffered: 64 << 20,
         }
     }
 
@@ -154,7 +154,8 @@ impl SessionConfig {
     }
 
     /// Most bytes the session holds for its streams' readers, whatever the
-    /// peer sends (256 MiB); past it, a stream that would exceed it is reset.
+    /// peer sends (64 MiB); past it, the stream holding the most unread data
+    /// is reset.
     pub fn max_buffered(&self) -> usize {
         self.max_buffered
     }

@@ -16,7 +16,7 @@ use crate::{
     config::{Config, Mode},
     error::{EndReason, StreamError},
     frame::{Header, StreamId, INITIAL_WINDOW},
-    stream_state::StreamState,
+    stream_state::{Pins, StreamState},
     write::Writer,
 };
 
@@ -89,9 +89,12 @@ pub(crate) struct Inner {
     pub(crate) next_id: u64,
     /// Highest stream ID the peer has opened.
     pub(crate) max_peer_id: u32,
-    /// Memory held for received data of all streams (slices charged for
-    /// the buffers they keep alive); at most `max_buffered`.
+    /// Memory held for received data of all streams (copies by length,
+    /// read buffer allocations that slices keep alive once each); at most
+    /// `max_buffered`.
     pub(crate) buffered: usize,
+    /// The read buffer allocations unread slices keep alive.
+    pub(crate) pins: Pins,
     pub(crate) max_buffered: usize,
     /// How long a dropped stream waits for the peer's FIN.
     pub(crate) close_timeout: Duration,
@@ -133,6 +136,7 @@ impl Inner {
             },
             max_peer_id: 0,
             buffered: 0,
+            pins: Pins::default(),
             max_buffered: config.max_buffered(),
             close_timeout: config.stream_close_timeout(),
             close_timers: VecDeque::new(),
@@ -229,14 +233,14 @@ impl Inner {
     /// Drops a stream's buffered data.
     pub(crate) fn discard(&mut self, id: StreamId) {
         if let Some(st) = self.streams.get_mut(&id) {
-            self.buffered -= st.discard();
+            self.buffered -= st.discard(&mut self.pins);
         }
     }
 
     /// Forgets a stream (its buffered data too).
     pub(crate) fn remove(&mut self, id: StreamId) {
         if let Some(mut st) = self.streams.remove(&id) {
-            self.buffered -= st.discard();
+            self.buffered -= st.discard(&mut self.pins);
         }
     }
 

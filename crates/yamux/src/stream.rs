@@ -145,7 +145,7 @@ impl AsyncRead for Stream {
                 return Poll::Ready(Err(e.into()));
             }
             if st.recv_buffered > 0 {
-                let (_, freed) = st.read_into(buf);
+                let (_, freed) = st.read_into(buf, &mut inner.pins);
                 let credit = st.take_credit(window);
                 inner.buffered -= freed;
                 if let Some(delta) = credit {
@@ -233,7 +233,7 @@ impl Stream {
                 inner.remove(id);
                 return;
             }
-            let freed = st.detach();
+            let freed = st.detach(&mut inner.pins);
             let send_fin = !st.local_closed;
             st.local_closed = true;
             inner.buffered -= freed;
