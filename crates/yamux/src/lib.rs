@@ -100,5 +100,6 @@ pub use connection::Connection;
 pub use error::{
     ConfigError, EndReason, OpenError, ProtocolViolation, ResetReason, SessionError, StreamError,
 };
+pub use session::Stats;
 pub use session::{session, Control, Incoming};
 pub use stream::Stream;

@@ -242,7 +242,13 @@ impl<T: AsyncRead> ReadSide<T> {
     /// copied (charged exactly). When even that does not fit, the stream
     /// holding the most unread data is reset until it does: a stream that
     /// is not being read loses, not whichever stream's frame came next.
-    fn deliver(&mut self, inner: &mut Inner, id: StreamId, len: usize, wake: &mut Vec<Waker>) -> bool {
+    fn deliver(
+        &mut self,
+        inner: &mut Inner,
+        id: StreamId,
+        len: usize,
+        wake: &mut Vec<Waker>,
+    ) -> bool {
         for _ in 0..MAX_EVICTIONS {
             let budget = inner.max_buffered - inner.buffered;
             let Some(st) = inner.streams.get_mut(&id) else {
@@ -274,7 +280,11 @@ impl<T: AsyncRead> ReadSide<T> {
                         buffered = inner.buffered,
                         "yamux receive buffer budget exhausted; resetting the stream with the most unread data"
                     );
-                    inner.reset_stream(v, StreamError::ResetLocally(ResetReason::BufferBudget), wake);
+                    inner.reset_stream(
+                        v,
+                        StreamError::ResetLocally(ResetReason::BufferBudget),
+                        wake,
+                    );
                 }
                 _ => break,
             }
@@ -285,7 +295,11 @@ impl<T: AsyncRead> ReadSide<T> {
             buffered = inner.buffered,
             "yamux receive buffer budget exhausted; resetting the stream"
         );
-        inner.reset_stream(id, StreamError::ResetLocally(ResetReason::BufferBudget), wake);
+        inner.reset_stream(
+            id,
+            StreamError::ResetLocally(ResetReason::BufferBudget),
+            wake,
+        );
         false
     }
 
@@ -302,7 +316,9 @@ impl<T: AsyncRead> ReadSide<T> {
                 if h.flags & SYN != 0 {
                     inner.push(Header::pong(h.length));
                 } else if h.flags & ACK != 0 {
-                    keepalive.on_pong(h.length);
+                    if let Some(rtt) = keepalive.on_pong(h.length) {
+                        inner.record_rtt(rtt);
+                    }
                 }
                 return Ok(Next::Done);
             }
@@ -341,9 +357,10 @@ impl<T: AsyncRead> ReadSide<T> {
             });
         };
         if h.ty == FrameType::WindowUpdate {
-            st.credit_send(h.length, wake).map_err(|()| {
-                SessionError::Protocol(ProtocolViolation::WindowOverflow(id.get()))
-            })?;
+            st.credit_send(h.length, h.flags & (SYN | ACK) != 0, wake)
+                .map_err(|()| {
+                    SessionError::Protocol(ProtocolViolation::WindowOverflow(id.get()))
+                })?;
             apply_flags(inner, id, h.flags, wake);
             return Ok(Next::Done);
         }
@@ -360,6 +377,7 @@ impl<T: AsyncRead> ReadSide<T> {
                 window,
             }));
         }
+        inner.data_received += u64::from(h.length);
         if h.length == 0 {
             apply_flags(inner, id, h.flags, wake);
             return Ok(Next::Done);

@@ -89,6 +89,15 @@ pub(crate) struct StreamState {
     pub(crate) recv_buffered: usize,
     /// How much more the peer may send before we credit it.
     pub(crate) recv_window: u32,
+    /// The stream's receive window: the session's, or more once grown.
+    pub(crate) recv_max: u32,
+    /// When we last credited the peer (set only while auto tuning).
+    last_credit: Option<std::time::Instant>,
+    /// The peer's receive window for the stream, as far as we can tell:
+    /// what its SYN or ACK granted, or the largest send window since.
+    pub(crate) send_peak: u32,
+    /// Data bytes sent on the stream.
+    sent: u64,
     /// Read since the last window update we sent.
     recv_consumed: u32,
     /// How much more we may send.
@@ -109,7 +118,9 @@ impl StreamState {
     pub(crate) fn new(send_window: u32, recv_window: u32) -> Self {
         StreamState {
             send_window,
+            send_peak: send_window,
             recv_window,
+            recv_max: recv_window,
             ..Default::default()
         }
     }
@@ -129,9 +140,28 @@ impl StreamState {
         Ok(())
     }
 
-    /// Adds a window update from the peer; `Err` on overflow.
-    pub(crate) fn credit_send(&mut self, delta: u32, wake: &mut Vec<Waker>) -> Result<(), ()> {
+    /// Takes `n` bytes of the send window for a data frame.
+    pub(crate) fn take_send_window(&mut self, n: u32) {
+        self.send_window -= n;
+        self.sent += u64::from(n);
+    }
+
+    /// Adds a window update from the peer (`opening`: it carries the
+    /// stream's SYN or ACK, so it grants the window before any credit for
+    /// data); `Err` on overflow.
+    pub(crate) fn credit_send(
+        &mut self,
+        delta: u32,
+        opening: bool,
+        wake: &mut Vec<Waker>,
+    ) -> Result<(), ()> {
         self.send_window = self.send_window.checked_add(delta).ok_or(())?;
+        let granted = if opening {
+            u32::try_from(u64::from(self.send_window) + self.sent).unwrap_or(u32::MAX)
+        } else {
+            self.send_window
+        };
+        self.send_peak = self.send_peak.max(granted);
         if delta > 0 {
             wake.extend(self.write_waker.take());
         }
@@ -193,14 +223,35 @@ impl StreamState {
     }
 
     /// The window credit to send back after a read, once half the window
-    /// was read (none once the peer's half is closed).
-    pub(crate) fn take_credit(&mut self, window: u32) -> Option<u32> {
-        if self.remote_closed || self.recv_consumed < window / 2 {
+    /// was read (none once the peer's half is closed), and how much of it
+    /// is growth of the window. `grow` is `(rtt, largest window, room)`
+    /// when the window may grow: it doubles (within the largest window and
+    /// the room) when half of it was read within two round trips.
+    pub(crate) fn take_credit(
+        &mut self,
+        grow: Option<(std::time::Duration, u32, usize)>,
+    ) -> Option<(u32, u32)> {
+        if self.remote_closed || self.recv_consumed < self.recv_max / 2 {
             return None;
         }
-        let delta = std::mem::take(&mut self.recv_consumed);
+        let mut extra = 0;
+        if let Some((rtt, largest, room)) = grow {
+            let now = std::time::Instant::now();
+            if let Some(last) = self.last_credit {
+                if now.duration_since(last) < rtt * 2 {
+                    let room = u32::try_from(room).unwrap_or(u32::MAX);
+                    extra = self
+                        .recv_max
+                        .min(largest.saturating_sub(self.recv_max))
+                        .min(room);
+                }
+            }
+            self.last_credit = Some(now);
+        }
+        let delta = std::mem::take(&mut self.recv_consumed) + extra;
         self.recv_window += delta;
-        Some(delta)
+        self.recv_max += extra;
+        Some((delta, extra))
     }
 
     /// Drops every buffered byte; returns the charge that released.

@@ -426,7 +426,9 @@ async fn buffered_bytes_stay_within_the_budget() {
 async fn a_full_budget_resets_the_unread_stream_not_the_one_being_read() {
     let budget = 2 * 1024 * 1024;
     let window = 1024 * 1024;
-    let cfg = quiet(window).with_max_buffered(budget).with_accept_backlog(16);
+    let cfg = quiet(window)
+        .with_max_buffered(budget)
+        .with_accept_backlog(16);
     let (mut peer, mut side) = raw_pair(cfg, Mode::Server).await;
     // Stream 1 is read as it arrives; streams 3, 5 and 7 never are.
     peer.send(W, SYN, 1, 0).await;
