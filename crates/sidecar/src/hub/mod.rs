@@ -8,6 +8,7 @@ pub mod announce_deadline;
 pub mod audit;
 pub mod drain;
 pub mod flags;
+pub mod flow;
 pub mod identity;
 pub mod isolation;
 pub mod limits;
@@ -264,6 +265,7 @@ impl Hub {
                 let mut registry = prometheus_client::registry::Registry::default();
                 state.metrics.register(&mut registry);
                 registry.register_collector(Box::new(state::StateCollector(state.clone())));
+                registry.register_collector(Box::new(flow::FlowCollector(state.clone())));
                 registry.register_collector(Box::new(metrics::MuxCollector(vec![stats.clone()])));
                 Some(tokio::spawn(metrics::serve(l, Arc::new(registry))))
             }
