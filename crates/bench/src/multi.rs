@@ -60,6 +60,9 @@ pub struct MultiArgs {
     /// One JSON line per result on stdout (instead of the table).
     #[arg(long)]
     pub json: bool,
+    /// Write an SVG chart of every path's throughput as a ratio of nginx's.
+    #[arg(long)]
+    pub chart: Option<PathBuf>,
     /// Keep the processes' logs in this directory (default: a temporary one,
     /// removed at the end).
     #[arg(long)]
@@ -579,6 +582,10 @@ pub async fn run(a: &MultiArgs) -> anyhow::Result<()> {
         }
     }
     print_results(a, &results);
+    if let Some(path) = &a.chart {
+        chart(path, &results)?;
+        eprintln!("chart written to {}", path.display());
+    }
     for p in setups.iter_mut() {
         for pr in p.procs.iter_mut() {
             let _ = pr.child.start_kill();
@@ -681,6 +688,54 @@ fn print_results(a: &MultiArgs, results: &[(Job, String, Vec<Sample>)]) {
             cpus.join(", ")
         );
     }
+}
+
+/// Throughput (calls/s or MB/s) of one sample.
+fn tput(echo: bool, s: &Sample) -> f64 {
+    let v = if echo { s.ops } else { s.bytes };
+    v / s.secs.max(1e-9)
+}
+
+fn chart(path: &Path, results: &[(Job, String, Vec<Sample>)]) -> anyhow::Result<()> {
+    let mut summaries = Vec::new();
+    for (job, p, samples) in results {
+        let echo = job.workload == "echo";
+        let Some((_, _, base)) = results
+            .iter()
+            .find(|(j, bp, _)| j.case == job.case && j.workload == job.workload && bp == "nginx")
+        else {
+            continue;
+        };
+        if p == "nginx" || samples.is_empty() || base.is_empty() {
+            continue;
+        }
+        let b = median(base.iter().map(|s| tput(echo, s)).collect());
+        let t = median(samples.iter().map(|s| tput(echo, s)).collect());
+        let mut med = crate::report::Record::failed(job.workload, &job.case, p, 1, String::new());
+        med.error = None;
+        med.path = if p == "hub" {
+            "hub+agent".into()
+        } else {
+            p.clone()
+        };
+        summaries.push(crate::report::Summary {
+            med,
+            ops_s: 0.0,
+            mb_s: 0.0,
+            ok_rounds: samples.len(),
+            rounds: samples.len(),
+            baseline: Some("nginx".into()),
+            tput_ratio: Some(t / b.max(1e-9)),
+            p50_ratio: None,
+            error: None,
+        });
+    }
+    crate::chart::write_noted(
+        path,
+        &summaries,
+        "backchannel-bench multi: throughput / nginx grpc_pass (medians)",
+        "black line: parity with nginx grpc_pass (2 workers, keepalive 64); separate processes on one machine",
+    )
 }
 
 /// A temporary directory removed on drop.

@@ -169,6 +169,9 @@ where
             "{target} is unavailable: {}",
             error_chain(&*err)
         ))),
+        Some(Ok(resp)) if deadline.is_some() && tonic_timeout(resp.headers()) => finish(
+            Status::deadline_exceeded(format!("deadline exceeded before {target} answered")),
+        ),
         Some(Ok(resp)) => {
             let (parts, body) = resp.into_parts();
             // A trailers-only response carries its status in the headers.
@@ -189,6 +192,15 @@ where
             http::Response::from_parts(parts, Body::new(body))
         }
     }
+}
+
+/// Whether `headers` (a trailers-only response, or trailers) carry tonic's
+/// answer to an expired `grpc-timeout`: CANCELLED "Timeout expired" (gRPC
+/// says DEADLINE_EXCEEDED). A service behind a splicing agent receives the
+/// deadline and its timer fires about when ours does.
+fn tonic_timeout(headers: &HeaderMap) -> bool {
+    headers.get("grpc-status").map(|v| v.as_bytes()) == Some(b"1")
+        && headers.get("grpc-message").map(|v| v.as_bytes()) == Some(b"Timeout expired")
 }
 
 fn is_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
@@ -316,6 +328,10 @@ impl http_body::Body for ResponseBody {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {
                     this.observer.bytes_from_target(d.len() as u64);
+                } else if this.deadline.is_some() && frame.trailers_ref().is_some_and(tonic_timeout)
+                {
+                    let msg = format!("deadline exceeded while {} was answering", this.target);
+                    return this.end_with(Status::deadline_exceeded(msg));
                 } else if let Some(t) = frame.trailers_ref() {
                     if let Some(code) = t
                         .get("grpc-status")
