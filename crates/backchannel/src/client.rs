@@ -65,6 +65,7 @@ pub struct ClientBuilder {
     pub(crate) endpoint: Option<Endpoint>,
     pub(crate) connect_timeout: Duration,
     pub(crate) backoff: Backoff,
+    pub(crate) raw: Option<crate::RawStreams>,
 }
 
 impl std::fmt::Debug for ClientBuilder {
@@ -76,6 +77,7 @@ impl std::fmt::Debug for ClientBuilder {
             .field("endpoint", &self.endpoint)
             .field("connect_timeout", &self.connect_timeout)
             .field("backoff", &self.backoff)
+            .field("raw", &self.raw)
             .finish()
     }
 }
@@ -99,6 +101,7 @@ impl ClientBuilder {
             endpoint: None,
             connect_timeout: Duration::from_secs(10),
             backoff: Backoff::default(),
+            raw: None,
         }
     }
 
@@ -322,7 +325,8 @@ impl ClientBuilder {
     ) -> Result<Client, Error> {
         let span = info_span!("backchannel_client", server = %label);
         let io = secure(io, &self.tls, self.config.handshake_timeout()).await?;
-        let started = start_session(io, &self.config, &self.server, routes, label, span);
+        let raw = self.raw.as_ref();
+        let started = start_session(io, &self.config, &self.server, routes, raw, label, span);
         let Started { session, first, .. } = started?;
         let guard = Arc::new(CloseOnDrop(session.clone()));
         let slot = Arc::new(Mutex::new(Some(first)));
@@ -449,6 +453,7 @@ pub(crate) fn start_session(
     config: &SessionConfig,
     server: &Server,
     routes: Routes,
+    raw: Option<&crate::RawStreams>,
     label: &str,
     span: Span,
 ) -> Result<Started, Error> {
@@ -461,6 +466,14 @@ pub(crate) fn start_session(
         }
     };
     debug_assert_eq!(first.id(), 1);
+    if let Some(raw) = raw {
+        raw.clone().spawn(inbound, span);
+        return Ok(Started {
+            session,
+            first,
+            end,
+        });
+    }
     let incoming = inbound.map(|s| Ok::<_, io::Error>(AuthorityFix::new(s)));
     let done = session.closed_owned();
     // Every reverse call gets a span naming the server and the yamux stream

@@ -433,6 +433,7 @@ async fn dial_loop(
                 &builder.config,
                 &builder.server,
                 routes.clone(),
+                builder.raw.as_ref(),
                 &label,
                 tracing::Span::current(),
             )?;

@@ -215,6 +215,23 @@ impl Registry {
         ))
     }
 
+    /// Opens a new yamux stream to peer `id`, for the caller to run its
+    /// own HTTP/2 client connection on (the peer serves its backchannel on
+    /// every stream the server opens). The stream closes when dropped.
+    ///
+    /// ```
+    /// let registry = backchannel::Registry::new();
+    /// assert!(registry.open_stream(backchannel::PeerId::new(7)).is_err());
+    /// ```
+    pub fn open_stream(&self, id: PeerId) -> Result<crate::YamuxStream, Error> {
+        let session = self
+            .peers()
+            .get(&id)
+            .map(|e| e.session.clone())
+            .ok_or(Error::NoBackchannel(id))?;
+        session.open_stream()
+    }
+
     /// The backchannel of the peer that sent `request`.
     ///
     /// ```

@@ -21,6 +21,21 @@ const COLORS: [RGBColor; 7] = [
 
 /// Writes an SVG bar chart of the summaries' throughput ratios to `path`.
 pub fn write(path: &Path, summaries: &[Summary], title: &str) -> anyhow::Result<()> {
+    write_noted(
+        path,
+        summaries,
+        title,
+        "red marks: targets; black line: parity with the baseline (plain tonic; raw TCP for raw-yamux; forward for hub)",
+    )
+}
+
+/// [`write`] with `note` under the chart.
+pub fn write_noted(
+    path: &Path,
+    summaries: &[Summary],
+    title: &str,
+    note: &str,
+) -> anyhow::Result<()> {
     let bars: Vec<(&Summary, f64)> = summaries
         .iter()
         .filter_map(|s| s.tput_ratio.map(|r| (s, r)))
@@ -95,7 +110,7 @@ pub fn write(path: &Path, summaries: &[Summary], title: &str) -> anyhow::Result<
             .map_err(|e| anyhow!("{e}"))?;
     }
     root.draw_text(
-        "red marks: targets; black line: parity with the baseline (plain tonic; raw TCP for raw-yamux; forward for hub)",
+        note,
         &("sans-serif", 11).into_font().color(&BLACK),
         (12, 462),
     )

@@ -14,6 +14,7 @@
 //! | `raw-tcp` / `raw-yamux` / `raw-tokio-yamux` | the `copy` workload: bytes through one TCP socket / one backchannel-yamux stream / one tokio-yamux stream |
 
 pub mod chart;
+pub mod multi;
 pub mod paths;
 pub mod peers;
 pub mod report;
@@ -161,6 +162,15 @@ enum BenchCommand {
     /// The hub under churn, floods, fake peers and slow readers for a
     /// while; checks it is back where it started (`soak --duration 20s`).
     Soak(soak::SoakArgs),
+    /// caller, proxy (nginx `grpc_pass`, or hub + agent) and service as
+    /// separate processes: latency, throughput and CPU of every process.
+    Multi(multi::MultiArgs),
+    /// (internal) the service process of `multi`.
+    #[command(hide = true)]
+    MultiServe,
+    /// (internal) the caller process of `multi`.
+    #[command(hide = true)]
+    MultiCall(multi::CallArgs),
     /// (internal) the client process of `peers`.
     #[command(hide = true)]
     PeersChild {
@@ -239,6 +249,9 @@ pub async fn run(mut a: BenchArgs) -> anyhow::Result<()> {
             return Ok(());
         }
         Some(BenchCommand::Soak(s)) => return soak::run(&s).await,
+        Some(BenchCommand::Multi(m)) => return multi::run(&m).await,
+        Some(BenchCommand::MultiServe) => return multi::serve().await,
+        Some(BenchCommand::MultiCall(c)) => return multi::call(c).await,
         Some(BenchCommand::PeersChild {
             addr,
             n,

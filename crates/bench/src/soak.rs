@@ -134,7 +134,7 @@ impl Echo for Svc {
 
 /// The `backchannel` binary: `$BACKCHANNEL_BIN`, else the one built next to
 /// this benchmark (`cargo build --release -p backchannel-cli`).
-fn hub_binary() -> anyhow::Result<std::path::PathBuf> {
+pub(crate) fn hub_binary() -> anyhow::Result<std::path::PathBuf> {
     if let Some(p) = std::env::var_os("BACKCHANNEL_BIN") {
         return Ok(p.into());
     }

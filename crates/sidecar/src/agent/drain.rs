@@ -7,7 +7,7 @@ use backchannel::{ConnectionEvent, ReconnectingClient};
 use tokio::sync::broadcast;
 
 use crate::{
-    agent::isolate::PerConnection,
+    agent::splice::Forwarders,
     pb::hub::{registration_client::RegistrationClient, LeaveRequest},
 };
 
@@ -29,7 +29,7 @@ pub struct Drained {
 pub async fn drain(
     client: &ReconnectingClient,
     events: &mut broadcast::Receiver<ConnectionEvent>,
-    forwarder: &PerConnection,
+    forwarder: &Forwarders,
     grace: Duration,
 ) -> Drained {
     let deadline = tokio::time::Instant::now() + grace;

@@ -18,6 +18,7 @@ use crate::{
 pub mod drain;
 pub mod isolate;
 pub mod probe;
+pub mod splice;
 pub(crate) mod token;
 
 use isolate::PerConnection;
@@ -54,6 +55,10 @@ pub struct AgentConfig {
     /// A file holding the bearer token sent on Announce (re-read on every
     /// connect, so it can be rotated in place).
     pub token_file: Option<PathBuf>,
+    /// Splice each HTTP/2 connection the hub opens straight onto a
+    /// connection to the exposed service (see [`splice`]) instead of
+    /// terminating HTTP/2 and proxying every call. Default on.
+    pub splice: bool,
 }
 
 impl AgentConfig {
@@ -72,6 +77,7 @@ impl AgentConfig {
             backoff_max: Duration::from_secs(10),
             grace: Duration::from_secs(10),
             token_file: None,
+            splice: true,
         }
     }
 }
@@ -97,7 +103,7 @@ pub struct Agent {
     stop: CancellationToken,
     drain: CancellationToken,
     task: tokio::task::JoinHandle<Option<drain::Drained>>,
-    forwarder: PerConnection,
+    forwarder: splice::Forwarders,
 }
 
 impl std::fmt::Debug for Agent {
@@ -155,8 +161,24 @@ impl Agent {
         let stop = CancellationToken::new();
         let drain = CancellationToken::new();
         let target = format!("exposed service {}", cfg.expose);
-        let forwarder =
-            PerConnection::new(move || Ok(expose_channel(&expose_addr)), expose, target);
+        let splicer = cfg.splice.then(|| {
+            splice::Splicer::new(
+                expose_addr.clone(),
+                PerConnection::new(
+                    {
+                        let a = expose_addr.clone();
+                        move || Ok(expose_channel(&a))
+                    },
+                    expose_channel(&expose_addr),
+                    target.clone(),
+                ),
+            )
+        });
+        let proxy = PerConnection::new(move || Ok(expose_channel(&expose_addr)), expose, target);
+        let forwarder = splice::Forwarders {
+            proxy,
+            splice: splicer,
+        };
         let task = tokio::spawn(run_loop(
             cfg,
             hub,
@@ -206,9 +228,18 @@ impl Agent {
         let _ = self.task.await;
     }
 
-    /// Calls being forwarded to the exposed service now.
+    /// Calls being forwarded to the exposed service now (proxied, and on
+    /// spliced connections).
     pub fn calls_in_flight(&self) -> usize {
         self.forwarder.in_flight()
+    }
+
+    /// Spliced connections to the exposed service: (open now, so far).
+    pub fn spliced_connections(&self) -> (usize, u64) {
+        self.forwarder
+            .splice
+            .as_ref()
+            .map_or((0, 0), |s| (s.connections(), s.spliced_total()))
     }
 
     /// Drains and stops: tells the hub the agent is leaving (no new calls
@@ -232,7 +263,7 @@ type Tls = Option<(
 async fn run_loop(
     cfg: AgentConfig,
     hub: Target,
-    forwarder: PerConnection,
+    forwarder: splice::Forwarders,
     tls: Tls,
     status: watch::Sender<AgentStatus>,
     stop: CancellationToken,
@@ -248,7 +279,10 @@ async fn run_loop(
     if let Some((c, n)) = &tls {
         builder = builder.tls(c.clone(), n.clone());
     }
-    let routes = forwarder.clone().into_routes();
+    if let Some(s) = &forwarder.splice {
+        builder = builder.raw_streams(s.raw_streams());
+    }
+    let routes = forwarder.proxy.clone().into_routes();
     let client = match &hub {
         Target::Unix(path) => builder.reconnecting_unix(path, routes),
         Target::Tcp { .. } => builder.reconnecting_tcp(&hub.to_string(), routes),
@@ -523,6 +557,10 @@ pub struct AgentArgs {
     /// Announce (only over TLS, or to a loopback or Unix-socket hub).
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    /// Terminate HTTP/2 at the agent and proxy every call to the exposed
+    /// service, instead of splicing the hub's connections onto it.
+    #[arg(long)]
+    pub proxy_calls: bool,
 }
 
 impl AgentArgs {
@@ -535,6 +573,7 @@ impl AgentArgs {
         cfg.tls_key = self.tls_key;
         cfg.tls_server_name = self.tls_server_name;
         cfg.token_file = self.token_file;
+        cfg.splice = !self.proxy_calls;
         cfg.backoff_max = self.max_backoff;
         cfg.backoff_initial = cfg.backoff_initial.min(cfg.backoff_max);
         cfg.grace = self.grace.min(Duration::from_secs(365 * 86400));

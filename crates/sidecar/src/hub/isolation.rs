@@ -32,7 +32,17 @@ use std::{
 use backchannel::{PeerId, Registry};
 use listenmux::{ConnInfo, Connection};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tonic::transport::{server::Connected, Channel};
+use tonic::transport::server::Connected;
+
+use crate::router::h2::H2Upstream;
+
+/// HTTP/2 connections one caller connection may have to one peer: calls
+/// beyond [`CALLS_PER_CONNECTION`] in flight on each open a further one, so
+/// one caller's concurrent calls do not all queue on one connection's task.
+pub const CONNECTIONS_PER_CALLER: usize = 2;
+
+/// Calls in flight on an upstream connection before another opens.
+pub const CALLS_PER_CONNECTION: usize = 16;
 
 /// Default of [`HubConfig::isolated_callers_per_peer`](crate::hub::HubConfig::isolated_callers_per_peer).
 pub const DEFAULT_ISOLATED_CALLERS_PER_PEER: usize = 128;
@@ -91,7 +101,7 @@ impl Isolation {
 /// them) when the caller's connection and its last call are gone.
 pub struct CallerScope {
     isolation: Arc<Isolation>,
-    channels: Mutex<HashMap<PeerId, Channel>>,
+    channels: Mutex<HashMap<PeerId, H2Upstream>>,
 }
 
 impl std::fmt::Debug for CallerScope {
@@ -108,9 +118,10 @@ impl CallerScope {
         }
     }
 
-    /// This caller's own channel to `peer`, opened on first use; `None` when
-    /// the peer has no dedicated slot left (or is gone): use the shared one.
-    pub fn channel(&self, registry: &Registry, peer: PeerId) -> Option<Channel> {
+    /// This caller's own upstream to `peer` (HTTP/2 connections on yamux
+    /// streams of its own, opened on first use); `None` when the peer has no
+    /// dedicated slot left (or is gone): use the shared one.
+    pub fn channel(&self, registry: &Registry, peer: PeerId) -> Option<H2Upstream> {
         let mut map = self.channels.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = map.get(&peer) {
             return Some(c.clone());
@@ -130,17 +141,23 @@ impl CallerScope {
         if !self.isolation.take(peer) {
             return None;
         }
-        match registry.dedicated_backchannel(peer) {
-            Ok(c) => {
-                let c = c.into_inner();
-                map.insert(peer, c.clone());
-                Some(c)
-            }
-            Err(_) => {
-                self.isolation.give_back(peer);
-                None
-            }
-        }
+        let Some(info) = registry.get(peer) else {
+            self.isolation.give_back(peer);
+            return None;
+        };
+        let origin = info
+            .remote_addr
+            .and_then(|a| http::uri::Authority::try_from(a.to_string()).ok())
+            .unwrap_or_else(|| http::uri::Authority::from_static("backchannel.local"));
+        let reg = registry.clone();
+        let upstream = H2Upstream::new(
+            move || reg.open_stream(peer).map_err(Into::into),
+            origin,
+            CONNECTIONS_PER_CALLER,
+            CALLS_PER_CONNECTION,
+        );
+        map.insert(peer, upstream.clone());
+        Some(upstream)
     }
 }
 

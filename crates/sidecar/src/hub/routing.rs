@@ -23,7 +23,7 @@ use crate::{
         isolation::CallerInfo,
         state::{HubState, Unroutable},
     },
-    router::{deadline_of, forward, status_response, BoxFuture},
+    router::{deadline_of, forward, forward_with, status_response, BoxFuture},
 };
 
 /// The metadata key the hub sets on every routed call to the caller's
@@ -159,7 +159,7 @@ where
             }
         };
         let access = self.access.clone();
-        let (mut route, permit) = match state.resolve(target, |peer| {
+        let (route, permit) = match state.resolve(target, |peer| {
             access.authorize_call(&caller, target, peer, &method)
         }) {
             Ok(r) => r,
@@ -169,13 +169,9 @@ where
             }
             Err(Unroutable::Status(status)) => return reject(status),
         };
-        // This caller connection's own HTTP/2 connection to the peer, when it
-        // may have one.
-        if let Some(own) =
-            caller_conn.and_then(|c| c.scope.channel(state.registry(), route.peer_id))
-        {
-            route.channel = own;
-        }
+        // This caller connection's own HTTP/2 connections to the peer, when
+        // it may have them.
+        let own = caller_conn.and_then(|c| c.scope.channel(state.registry(), route.peer_id));
         // The private service learns who calls from the hub, never from the
         // caller: drop any value the caller set, and the hub's own credential.
         let headers = req.headers_mut();
@@ -195,8 +191,16 @@ where
             method,
             permit,
         ));
-        Box::pin(async move {
-            Ok(forward(route.channel, req, route.label.into(), deadline, observer).await)
-        })
+        let label: Arc<str> = route.label.into();
+        match own {
+            Some(up) => {
+                Box::pin(async move { Ok(forward_with(up, req, label, deadline, observer).await) })
+            }
+            None => {
+                Box::pin(
+                    async move { Ok(forward(route.channel, req, label, deadline, observer).await) },
+                )
+            }
+        }
     }
 }

@@ -26,6 +26,8 @@ use tokio::time::{Instant, Sleep};
 use tonic::{body::Body, transport::Channel, Code, Status};
 use tower::ServiceExt;
 
+pub mod h2;
+
 /// A boxed response future.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
@@ -87,6 +89,40 @@ pub async fn forward(
     deadline: Option<Instant>,
     observer: Arc<dyn CallObserver>,
 ) -> http::Response<Body> {
+    forward_with(channel, req, target, deadline, observer).await
+}
+
+/// [`forward`] to any HTTP/2 upstream: a tonic [`Channel`], an
+/// [`h2::H2Upstream`] (hyper's client without a tower buffer)...
+///
+/// ```no_run
+/// # async fn f(req: http::Request<tonic::body::Body>, stream: tokio::net::TcpStream) {
+/// use std::sync::{Arc, Mutex};
+/// use backchannel_sidecar::router::{forward_with, h2::H2Upstream, NoObserver};
+/// let slot = Arc::new(Mutex::new(Some(stream)));
+/// let upstream = H2Upstream::new(
+///     move || slot.lock().unwrap().take().ok_or_else(|| "used".into()),
+///     http::uri::Authority::from_static("service.local"),
+///     1,
+///     100,
+/// );
+/// let resp = forward_with(upstream, req, "the service".into(), None, Arc::new(NoObserver)).await;
+/// # drop(resp); }
+/// ```
+pub async fn forward_with<S, B>(
+    upstream: S,
+    req: http::Request<Body>,
+    target: Arc<str>,
+    deadline: Option<Instant>,
+    observer: Arc<dyn CallObserver>,
+) -> http::Response<Body>
+where
+    S: tower::Service<http::Request<Body>, Response = http::Response<B>> + Send,
+    S::Error: Into<h2::BoxError>,
+    S::Future: Send,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<h2::BoxError>,
+{
     let (mut parts, body) = req.into_parts();
     // The next hop gets the time that is left, not the caller's original
     // budget (gRPC's deadline propagation), in milliseconds, rounded up.
@@ -107,7 +143,7 @@ pub async fn forward(
             observer: observer.clone(),
         }),
     );
-    let call = channel.oneshot(req);
+    let call = upstream.oneshot(req);
     let result = match deadline {
         Some(at) => tokio::select! {
             r = call => Some(r),
@@ -115,6 +151,7 @@ pub async fn forward(
         },
         None => Some(call.await),
     };
+    let result = result.map(|r| r.map_err(Into::<h2::BoxError>::into));
     let finish = |status: Status| {
         observer.finished(Some(status.code()));
         status_response(status)
@@ -125,13 +162,16 @@ pub async fn forward(
         ))),
         // The channel enforces grpc-timeout too (as CANCELLED "Timeout
         // expired"); either timer firing means the deadline passed.
-        Some(Err(err)) if is_timeout(&err) => finish(Status::deadline_exceeded(format!(
+        Some(Err(err)) if is_timeout(&*err) => finish(Status::deadline_exceeded(format!(
             "deadline exceeded before {target} answered"
         ))),
         Some(Err(err)) => finish(Status::unavailable(format!(
             "{target} is unavailable: {}",
-            error_chain(&err)
+            error_chain(&*err)
         ))),
+        Some(Ok(resp)) if deadline.is_some() && tonic_timeout(resp.headers()) => finish(
+            Status::deadline_exceeded(format!("deadline exceeded before {target} answered")),
+        ),
         Some(Ok(resp)) => {
             let (parts, body) = resp.into_parts();
             // A trailers-only response carries its status in the headers.
@@ -142,7 +182,7 @@ pub async fn forward(
                 .and_then(|s| s.parse::<i32>().ok())
                 .map(Code::from_i32);
             let body = ResponseBody {
-                inner: Some(body),
+                inner: Some(Body::new(body)),
                 deadline: deadline.map(|at| Box::pin(tokio::time::sleep_until(at))),
                 observer,
                 target,
@@ -152,6 +192,15 @@ pub async fn forward(
             http::Response::from_parts(parts, Body::new(body))
         }
     }
+}
+
+/// Whether `headers` (a trailers-only response, or trailers) carry tonic's
+/// answer to an expired `grpc-timeout`: CANCELLED "Timeout expired" (gRPC
+/// says DEADLINE_EXCEEDED). A service behind a splicing agent receives the
+/// deadline and its timer fires about when ours does.
+fn tonic_timeout(headers: &HeaderMap) -> bool {
+    headers.get("grpc-status").map(|v| v.as_bytes()) == Some(b"1")
+        && headers.get("grpc-message").map(|v| v.as_bytes()) == Some(b"Timeout expired")
 }
 
 fn is_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
@@ -279,6 +328,10 @@ impl http_body::Body for ResponseBody {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {
                     this.observer.bytes_from_target(d.len() as u64);
+                } else if this.deadline.is_some() && frame.trailers_ref().is_some_and(tonic_timeout)
+                {
+                    let msg = format!("deadline exceeded while {} was answering", this.target);
+                    return this.end_with(Status::deadline_exceeded(msg));
                 } else if let Some(t) = frame.trailers_ref() {
                     if let Some(code) = t
                         .get("grpc-status")

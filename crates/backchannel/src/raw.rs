@@ -1,0 +1,84 @@
+//! Raw inbound streams: a client option that hands every yamux stream the
+//! server opens to a handler, instead of serving it with the client's tonic
+//! server.
+//!
+//! A sidecar agent uses it to splice the server's HTTP/2 connections
+//! straight onto connections to a local service, without terminating
+//! HTTP/2 itself.
+
+use std::sync::Arc;
+
+use backchannel_yamux::Incoming;
+use futures::StreamExt;
+use tracing::{Instrument, Span};
+
+use crate::{stream::YamuxStream, ClientBuilder};
+
+/// A handler for the streams the server opens on a client's session.
+///
+/// The handler is called once per stream, on the session's accept loop: it
+/// must not block (spawn a task for the stream's work). Dropping the stream
+/// resets it.
+///
+/// ```
+/// let raw = backchannel::RawStreams::new(|stream: backchannel::YamuxStream| {
+///     tokio::spawn(async move {
+///         // e.g. tokio::io::copy_bidirectional(&mut stream, &mut tcp).await
+///         drop(stream);
+///     });
+/// });
+/// let builder = backchannel::ClientBuilder::new().raw_streams(raw);
+/// # drop(builder);
+/// ```
+#[derive(Clone)]
+pub struct RawStreams {
+    handler: Arc<dyn Fn(YamuxStream) + Send + Sync>,
+}
+
+impl std::fmt::Debug for RawStreams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawStreams").finish_non_exhaustive()
+    }
+}
+
+impl RawStreams {
+    /// Calls `handler` with every stream the server opens.
+    pub fn new(handler: impl Fn(YamuxStream) + Send + Sync + 'static) -> Self {
+        RawStreams {
+            handler: Arc::new(handler),
+        }
+    }
+
+    /// Hands `stream` to the handler.
+    pub fn handle(&self, stream: YamuxStream) {
+        (self.handler)(stream)
+    }
+
+    /// Hands every stream of `inbound` to the handler until the session ends.
+    pub(crate) fn spawn(self, mut inbound: Incoming, span: Span) {
+        tokio::spawn(
+            async move {
+                while let Some(stream) = inbound.next().await {
+                    self.handle(stream);
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+impl ClientBuilder {
+    /// Hands every stream the server opens to `raw` instead of serving the
+    /// client's routes on it (the routes given to `connect_*` are then
+    /// unused). Stream 1, the client's channel to the server, is unchanged.
+    ///
+    /// ```
+    /// let b = backchannel::ClientBuilder::new()
+    ///     .raw_streams(backchannel::RawStreams::new(|stream| drop(stream)));
+    /// # drop(b);
+    /// ```
+    pub fn raw_streams(mut self, raw: RawStreams) -> Self {
+        self.raw = Some(raw);
+        self
+    }
+}
