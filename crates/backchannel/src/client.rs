@@ -65,6 +65,8 @@ pub struct ClientBuilder {
     pub(crate) endpoint: Option<Endpoint>,
     pub(crate) connect_timeout: Duration,
     pub(crate) backoff: Backoff,
+    pub(crate) tunnels: crate::Tunnels,
+    pub(crate) waiters: crate::sidechannel::Waiters,
 }
 
 impl std::fmt::Debug for ClientBuilder {
@@ -76,6 +78,7 @@ impl std::fmt::Debug for ClientBuilder {
             .field("endpoint", &self.endpoint)
             .field("connect_timeout", &self.connect_timeout)
             .field("backoff", &self.backoff)
+            .field("tunnels", &self.tunnels)
             .finish()
     }
 }
@@ -99,7 +102,39 @@ impl ClientBuilder {
             endpoint: None,
             connect_timeout: Duration::from_secs(10),
             backoff: Backoff::default(),
+            tunnels: crate::Tunnels::new(),
+            waiters: Default::default(),
         }
+    }
+
+    /// The tunnel services this client offers the server (see
+    /// [`Tunnels`](crate::Tunnels)); streams the server opens with the
+    /// tunnel magic go to them. None by default.
+    ///
+    /// ```
+    /// let b = backchannel::ClientBuilder::new().tunnels(
+    ///     backchannel::Tunnels::new().handle("echo", |t| async move {
+    ///         if let Ok(t) = t.accept().await {
+    ///             let (mut r, mut w) = tokio::io::split(t);
+    ///             let _ = tokio::io::copy(&mut r, &mut w).await;
+    ///         }
+    ///     }),
+    /// );
+    /// # drop(b);
+    /// ```
+    pub fn tunnels(mut self, tunnels: crate::Tunnels) -> Self {
+        self.tunnels = tunnels;
+        self
+    }
+
+    /// How streams the server opens are dispatched on a session to `label`.
+    pub(crate) fn dispatch(&self, label: &str) -> Arc<crate::inbound::Dispatch> {
+        Arc::new(crate::inbound::Dispatch {
+            tunnels: self.tunnels.clone(),
+            sidechannels: Some(self.waiters.clone()),
+            sniff_timeout: self.config.handshake_timeout(),
+            side: format!("server {label}").into(),
+        })
     }
 
     /// Sets the yamux session settings.
@@ -322,7 +357,16 @@ impl ClientBuilder {
     ) -> Result<Client, Error> {
         let span = info_span!("backchannel_client", server = %label);
         let io = secure(io, &self.tls, self.config.handshake_timeout()).await?;
-        let started = start_session(io, &self.config, &self.server, routes, label, span);
+        let dispatch = self.dispatch(label);
+        let started = start_session(
+            io,
+            &self.config,
+            &self.server,
+            routes,
+            dispatch,
+            label,
+            span,
+        );
         let Started { session, first, .. } = started?;
         let guard = Arc::new(CloseOnDrop(session.clone()));
         let slot = Arc::new(Mutex::new(Some(first)));
@@ -344,6 +388,8 @@ impl ClientBuilder {
         .map_err(Error::Http2)?;
         Ok(Client {
             channel: PeerChannel::new(channel, format!("server {label}")),
+            waiters: self.waiters.clone(),
+            label: Arc::from(format!("server {label}")),
             session,
             remote_addr: remote,
             _guard: guard,
@@ -449,6 +495,7 @@ pub(crate) fn start_session(
     config: &SessionConfig,
     server: &Server,
     routes: Routes,
+    dispatch: Arc<crate::inbound::Dispatch>,
     label: &str,
     span: Span,
 ) -> Result<Started, Error> {
@@ -461,7 +508,14 @@ pub(crate) fn start_session(
         }
     };
     debug_assert_eq!(first.id(), 1);
-    let incoming = inbound.map(|s| Ok::<_, io::Error>(AuthorityFix::new(s)));
+    // Streams the server opens: sidechannels and tunnels to their handlers,
+    // the rest (HTTP/2 connections) to the backchannel server.
+    let (tx, rx) = tokio::sync::mpsc::channel::<crate::inbound::Replayed>(16);
+    {
+        let _entered = span.enter();
+        crate::inbound::serve(inbound, dispatch, crate::inbound::Fallback::Grpc(tx));
+    }
+    let incoming = tokio_stream_from(rx).map(|s| Ok::<_, io::Error>(AuthorityFix::new(s)));
     let done = session.closed_owned();
     // Every reverse call gets a span naming the server and the yamux stream
     // (the client does not know the peer ID the server gave it).
@@ -504,6 +558,8 @@ pub(crate) fn start_session(
 #[derive(Clone, Debug)]
 pub struct Client {
     channel: PeerChannel,
+    waiters: crate::sidechannel::Waiters,
+    label: Arc<str>,
     session: SessionHandle,
     remote_addr: Option<SocketAddr>,
     _guard: Arc<CloseOnDrop>,
@@ -534,6 +590,37 @@ impl Client {
     pub async fn closed(&self) {
         self.session.closed().await
     }
+
+    /// Opens a [`Tunnel`](crate::Tunnel) to the server: a new stream,
+    /// answered by the server's handler for the service (see
+    /// [`ServerHandshaker::tunnels`](crate::ServerHandshaker::tunnels)).
+    ///
+    /// ```no_run
+    /// # async fn run(client: backchannel::Client) -> Result<(), backchannel::TunnelError> {
+    /// let tunnel = client.open_tunnel(backchannel::TunnelRequest::new("logs")).await?;
+    /// # drop(tunnel); Ok(()) }
+    /// ```
+    pub async fn open_tunnel(
+        &self,
+        request: crate::TunnelRequest,
+    ) -> Result<crate::Tunnel, crate::TunnelError> {
+        crate::tunnel::open_on(&self.session, request, &self.label).await
+    }
+
+    /// Registers a Gitaly sidechannel waiter: put its ID on a call with
+    /// [`SidechannelWaiter::attach`](crate::SidechannelWaiter::attach) and
+    /// accept the stream the server's handler opens (see
+    /// [`sidechannel`](crate::sidechannel)).
+    ///
+    /// ```no_run
+    /// # async fn run(client: backchannel::Client) {
+    /// let waiter = client.sidechannel();
+    /// assert!(waiter.id() > 0);
+    /// # }
+    /// ```
+    pub fn sidechannel(&self) -> crate::SidechannelWaiter {
+        self.waiters.register()
+    }
 }
 
 /// Connection info of an inbound (server-opened) stream on the client, found
@@ -543,6 +630,22 @@ impl Client {
 pub struct InboundInfo {
     /// The yamux stream ID (even: opened by the server).
     pub stream_id: u32,
+}
+
+impl Connected for AuthorityFix<crate::inbound::Replayed> {
+    type ConnectInfo = InboundInfo;
+    fn connect_info(&self) -> InboundInfo {
+        InboundInfo {
+            stream_id: self.get_ref().id(),
+        }
+    }
+}
+
+/// The receiver as a `Stream`.
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures::Stream<Item = T> + Send + 'static {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
 impl Connected for AuthorityFix<YamuxStream> {

@@ -49,6 +49,7 @@ mod channel;
 mod client;
 mod config;
 mod error;
+mod inbound;
 mod preface;
 mod reconnect;
 mod refuse;
@@ -56,8 +57,10 @@ mod registry;
 mod request;
 mod server;
 mod session;
+pub mod sidechannel;
 mod stream;
 mod trace;
+pub mod tunnel;
 
 #[doc(hidden)]
 pub use authority::rewrite_header_block;
@@ -70,8 +73,10 @@ pub use reconnect::{Backoff, ConnectionEvent, DisconnectReason, ReconnectingClie
 pub use registry::{PeerEvent, PeerId, PeerInfo, Registry};
 pub use request::RequestExt;
 pub use server::ServerHandshaker;
+pub use sidechannel::{ClientSidechannel, ServerSidechannel, SidechannelError, SidechannelWaiter};
 pub use stream::YamuxStream;
 pub use trace::request_span;
+pub use tunnel::{IncomingTunnel, RefusalKind, Tunnel, TunnelError, TunnelRequest, Tunnels};
 
 /// HTTP/2 stream window used on backchannel channels and servers (2 MiB).
 ///
