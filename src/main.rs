@@ -26,6 +26,10 @@ enum Command {
     /// Run an agent: dial out to a hub and publish a local gRPC server
     /// through it under a name.
     Agent(agent::AgentArgs),
+    /// Open a tunnel through a hub to a TCP service an agent offers
+    /// (`--expose-tcp`): stdin/stdout (`--stdio`, e.g. as an ssh
+    /// ProxyCommand) or each connection accepted on `--listen`.
+    Tunnel(backchannel_sidecar::tunnel::cli::TunnelArgs),
 }
 
 #[tokio::main]
@@ -47,6 +51,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Demo => backchannel_demo::run().await,
         Command::Hub(args) => hub::run(args.into_config()).await,
+        Command::Tunnel(args) => backchannel_sidecar::tunnel::cli::run(args).await,
         Command::Agent(args) => match args.into_config() {
             Ok(cfg) => agent::run(cfg).await,
             // A bad flag value: like clap's own usage errors, exit 2.

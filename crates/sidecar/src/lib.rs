@@ -24,6 +24,7 @@ pub mod hub;
 pub mod router;
 pub mod signal;
 pub mod tls;
+pub mod tunnel;
 
 /// Generated protobuf and gRPC code of the hub's API.
 pub mod pb {

@@ -18,7 +18,7 @@ use crate::{
 pub mod drain;
 pub mod isolate;
 pub mod probe;
-mod token;
+pub(crate) mod token;
 
 use isolate::PerConnection;
 
@@ -54,6 +54,8 @@ pub struct AgentConfig {
     /// A file holding the bearer token sent on Announce (re-read on every
     /// connect, so it can be rotated in place).
     pub token_file: Option<PathBuf>,
+    /// TCP services offered as tunnel services: `(NAME, HOST:PORT)`.
+    pub expose_tcp: Vec<(String, String)>,
 }
 
 impl AgentConfig {
@@ -72,6 +74,7 @@ impl AgentConfig {
             backoff_max: Duration::from_secs(10),
             grace: Duration::from_secs(10),
             token_file: None,
+            expose_tcp: Vec::new(),
         }
     }
 }
@@ -244,7 +247,9 @@ async fn run_loop(
         .with_initial(cfg.backoff_initial)
         .with_max(cfg.backoff_max)
         .with_reset_after(STABLE_SESSION);
-    let mut builder = ClientBuilder::new().backoff(backoff);
+    let mut builder = ClientBuilder::new()
+        .backoff(backoff)
+        .tunnels(crate::tunnel::agent::tunnels(&cfg.expose_tcp));
     if let Some((c, n)) = &tls {
         builder = builder.tls(c.clone(), n.clone());
     }
@@ -523,6 +528,10 @@ pub struct AgentArgs {
     /// Announce (only over TLS, or to a loopback or Unix-socket hub).
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    /// Offer the TCP service at HOST:PORT as tunnel service NAME (for
+    /// `backchannel tunnel --service NAME`; repeatable).
+    #[arg(long = "expose-tcp", value_name = "NAME=HOST:PORT", value_parser = crate::tunnel::agent::parse_expose_tcp)]
+    pub expose_tcp: Vec<(String, String)>,
 }
 
 impl AgentArgs {
@@ -535,6 +544,7 @@ impl AgentArgs {
         cfg.tls_key = self.tls_key;
         cfg.tls_server_name = self.tls_server_name;
         cfg.token_file = self.token_file;
+        cfg.expose_tcp = self.expose_tcp;
         cfg.backoff_max = self.max_backoff;
         cfg.backoff_initial = cfg.backoff_initial.min(cfg.backoff_max);
         cfg.grace = self.grace.min(Duration::from_secs(365 * 86400));
