@@ -109,8 +109,10 @@ async fn setup(policy: Option<&Path>, agent_token: Option<&Path>) -> Setup {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().to_string()
     };
-    let mut cfg = HubConfig::default();
-    cfg.policy = policy.map(Path::to_path_buf);
+    let cfg = HubConfig {
+        policy: policy.map(Path::to_path_buf),
+        ..Default::default()
+    };
     let hub = Hub::start(cfg).await.unwrap();
     let hub_addr = hub.addr.unwrap().to_string();
     let mut acfg = AgentConfig::new(hub_addr.clone(), "box", "127.0.0.1:1");

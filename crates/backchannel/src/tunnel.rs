@@ -179,8 +179,7 @@ impl TunnelRequest {
             .map_err(|_| "service name is not UTF-8".to_string())?
             .to_string();
         let mut req = TunnelRequest::new(service);
-        loop {
-            let Ok(k) = take(1) else { break };
+        while let Ok(k) = take(1) {
             let k = k[0] as usize;
             let key = std::str::from_utf8(take(k)?)
                 .map_err(|_| "metadata key is not UTF-8".to_string())?
