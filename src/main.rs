@@ -29,6 +29,10 @@ enum Command {
     /// Show the peers a hub holds (its admin view: names, sessions, calls,
     /// bytes, round-trip time and throughput ceiling), once or refreshed.
     Peers(peers_cmd::PeersArgs),
+    /// Open a tunnel through a hub to a TCP service an agent offers
+    /// (`--expose-tcp`): stdin/stdout (`--stdio`, e.g. as an ssh
+    /// ProxyCommand) or each connection accepted on `--listen`.
+    Tunnel(backchannel_sidecar::tunnel::cli::TunnelArgs),
 }
 
 #[tokio::main]
@@ -51,6 +55,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Demo => backchannel_demo::run().await,
         Command::Hub(args) => hub::run(args.into_config()).await,
         Command::Peers(args) => peers_cmd::run(args).await,
+        Command::Tunnel(args) => backchannel_sidecar::tunnel::cli::run(args).await,
         Command::Agent(args) => match args.into_config() {
             Ok(cfg) => agent::run(cfg).await,
             // A bad flag value: like clap's own usage errors, exit 2.

@@ -66,6 +66,8 @@ pub struct ClientBuilder {
     pub(crate) connect_timeout: Duration,
     pub(crate) backoff: Backoff,
     pub(crate) raw: Option<crate::RawStreams>,
+    pub(crate) tunnels: crate::Tunnels,
+    pub(crate) waiters: crate::sidechannel::Waiters,
 }
 
 impl std::fmt::Debug for ClientBuilder {
@@ -78,6 +80,7 @@ impl std::fmt::Debug for ClientBuilder {
             .field("connect_timeout", &self.connect_timeout)
             .field("backoff", &self.backoff)
             .field("raw", &self.raw)
+            .field("tunnels", &self.tunnels)
             .finish()
     }
 }
@@ -102,7 +105,39 @@ impl ClientBuilder {
             connect_timeout: Duration::from_secs(10),
             backoff: Backoff::default(),
             raw: None,
+            tunnels: crate::Tunnels::new(),
+            waiters: Default::default(),
         }
+    }
+
+    /// The tunnel services this client offers the server (see
+    /// [`Tunnels`](crate::Tunnels)); streams the server opens with the
+    /// tunnel magic go to them. None by default.
+    ///
+    /// ```
+    /// let b = backchannel::ClientBuilder::new().tunnels(
+    ///     backchannel::Tunnels::new().handle("echo", |t| async move {
+    ///         if let Ok(t) = t.accept().await {
+    ///             let (mut r, mut w) = tokio::io::split(t);
+    ///             let _ = tokio::io::copy(&mut r, &mut w).await;
+    ///         }
+    ///     }),
+    /// );
+    /// # drop(b);
+    /// ```
+    pub fn tunnels(mut self, tunnels: crate::Tunnels) -> Self {
+        self.tunnels = tunnels;
+        self
+    }
+
+    /// How streams the server opens are dispatched on a session to `label`.
+    pub(crate) fn dispatch(&self, label: &str) -> Arc<crate::inbound::Dispatch> {
+        Arc::new(crate::inbound::Dispatch {
+            tunnels: self.tunnels.clone(),
+            sidechannels: Some(self.waiters.clone()),
+            sniff_timeout: self.config.handshake_timeout(),
+            side: format!("server {label}").into(),
+        })
     }
 
     /// Sets the yamux session settings.
@@ -325,8 +360,18 @@ impl ClientBuilder {
     ) -> Result<Client, Error> {
         let span = info_span!("backchannel_client", server = %label);
         let io = secure(io, &self.tls, self.config.handshake_timeout()).await?;
+        let dispatch = self.dispatch(label);
         let raw = self.raw.as_ref();
-        let started = start_session(io, &self.config, &self.server, routes, raw, label, span);
+        let started = start_session(
+            io,
+            &self.config,
+            &self.server,
+            routes,
+            raw,
+            dispatch,
+            label,
+            span,
+        );
         let Started { session, first, .. } = started?;
         let guard = Arc::new(CloseOnDrop(session.clone()));
         let slot = Arc::new(Mutex::new(Some(first)));
@@ -348,6 +393,8 @@ impl ClientBuilder {
         .map_err(Error::Http2)?;
         Ok(Client {
             channel: PeerChannel::new(channel, format!("server {label}")),
+            waiters: self.waiters.clone(),
+            label: Arc::from(format!("server {label}")),
             session,
             remote_addr: remote,
             _guard: guard,
@@ -454,6 +501,7 @@ pub(crate) fn start_session(
     server: &Server,
     routes: Routes,
     raw: Option<&crate::RawStreams>,
+    dispatch: Arc<crate::inbound::Dispatch>,
     label: &str,
     span: Span,
 ) -> Result<Started, Error> {
@@ -466,15 +514,25 @@ pub(crate) fn start_session(
         }
     };
     debug_assert_eq!(first.id(), 1);
+    // Streams the server opens: sidechannels and tunnels to their handlers,
+    // the rest to the raw handler when there is one, else (HTTP/2
+    // connections) to the backchannel server.
     if let Some(raw) = raw {
-        raw.clone().spawn(inbound, span);
+        let _entered = span.enter();
+        crate::inbound::serve(inbound, dispatch, crate::inbound::Fallback::Raw(raw.clone()));
+        drop(_entered);
         return Ok(Started {
             session,
             first,
             end,
         });
     }
-    let incoming = inbound.map(|s| Ok::<_, io::Error>(AuthorityFix::new(s)));
+    let (tx, rx) = tokio::sync::mpsc::channel::<crate::inbound::Replayed>(16);
+    {
+        let _entered = span.enter();
+        crate::inbound::serve(inbound, dispatch, crate::inbound::Fallback::Grpc(tx));
+    }
+    let incoming = tokio_stream_from(rx).map(|s| Ok::<_, io::Error>(AuthorityFix::new(s)));
     let done = session.closed_owned();
     // Every reverse call gets a span naming the server and the yamux stream
     // (the client does not know the peer ID the server gave it).
@@ -517,6 +575,8 @@ pub(crate) fn start_session(
 #[derive(Clone, Debug)]
 pub struct Client {
     channel: PeerChannel,
+    waiters: crate::sidechannel::Waiters,
+    label: Arc<str>,
     session: SessionHandle,
     remote_addr: Option<SocketAddr>,
     _guard: Arc<CloseOnDrop>,
@@ -553,6 +613,37 @@ impl Client {
     pub async fn closed(&self) {
         self.session.closed().await
     }
+
+    /// Opens a [`Tunnel`](crate::Tunnel) to the server: a new stream,
+    /// answered by the server's handler for the service (see
+    /// [`ServerHandshaker::tunnels`](crate::ServerHandshaker::tunnels)).
+    ///
+    /// ```no_run
+    /// # async fn run(client: backchannel::Client) -> Result<(), backchannel::TunnelError> {
+    /// let tunnel = client.open_tunnel(backchannel::TunnelRequest::new("logs")).await?;
+    /// # drop(tunnel); Ok(()) }
+    /// ```
+    pub async fn open_tunnel(
+        &self,
+        request: crate::TunnelRequest,
+    ) -> Result<crate::Tunnel, crate::TunnelError> {
+        crate::tunnel::open_on(&self.session, request, &self.label).await
+    }
+
+    /// Registers a Gitaly sidechannel waiter: put its ID on a call with
+    /// [`SidechannelWaiter::attach`](crate::SidechannelWaiter::attach) and
+    /// accept the stream the server's handler opens (see
+    /// [`sidechannel`](crate::sidechannel)).
+    ///
+    /// ```no_run
+    /// # async fn run(client: backchannel::Client) {
+    /// let waiter = client.sidechannel();
+    /// assert!(waiter.id() > 0);
+    /// # }
+    /// ```
+    pub fn sidechannel(&self) -> crate::SidechannelWaiter {
+        self.waiters.register()
+    }
 }
 
 /// Connection info of an inbound (server-opened) stream on the client, found
@@ -562,6 +653,22 @@ impl Client {
 pub struct InboundInfo {
     /// The yamux stream ID (even: opened by the server).
     pub stream_id: u32,
+}
+
+impl Connected for AuthorityFix<crate::inbound::Replayed> {
+    type ConnectInfo = InboundInfo;
+    fn connect_info(&self) -> InboundInfo {
+        InboundInfo {
+            stream_id: self.get_ref().id(),
+        }
+    }
+}
+
+/// The receiver as a `Stream`.
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures::Stream<Item = T> + Send + 'static {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
 impl Connected for AuthorityFix<YamuxStream> {

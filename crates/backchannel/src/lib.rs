@@ -49,6 +49,7 @@ mod channel;
 mod client;
 mod config;
 mod error;
+mod inbound;
 mod preface;
 mod raw;
 mod reconnect;
@@ -57,8 +58,10 @@ mod registry;
 mod request;
 mod server;
 mod session;
+pub mod sidechannel;
 mod stream;
 mod trace;
+pub mod tunnel;
 
 #[doc(hidden)]
 pub use authority::rewrite_header_block;
@@ -70,13 +73,16 @@ pub use channel::PeerChannel;
 pub use client::{Client, ClientBuilder, InboundInfo};
 pub use config::SessionConfig;
 pub use error::{Error, NotMultiplexed, Step};
+pub use inbound::InboundStream;
 pub use raw::RawStreams;
 pub use reconnect::{Backoff, ConnectionEvent, DisconnectReason, ReconnectingClient};
 pub use registry::{PeerEvent, PeerId, PeerInfo, Registry};
 pub use request::RequestExt;
 pub use server::ServerHandshaker;
+pub use sidechannel::{ClientSidechannel, ServerSidechannel, SidechannelError, SidechannelWaiter};
 pub use stream::YamuxStream;
 pub use trace::request_span;
+pub use tunnel::{IncomingTunnel, RefusalKind, Tunnel, TunnelError, TunnelRequest, Tunnels};
 
 /// HTTP/2 stream window used on backchannel channels and servers (2 MiB).
 ///

@@ -8,20 +8,18 @@
 
 use std::sync::Arc;
 
-use backchannel_yamux::Incoming;
-use futures::StreamExt;
-use tracing::{Instrument, Span};
+use crate::{inbound::InboundStream, ClientBuilder};
 
-use crate::{stream::YamuxStream, ClientBuilder};
-
-/// A handler for the streams the server opens on a client's session.
+/// A handler for the streams the server opens on a client's session that
+/// are neither sidechannels nor tunnels (their first bytes, read to tell,
+/// are replayed by the [`InboundStream`]).
 ///
-/// The handler is called once per stream, on the session's accept loop: it
-/// must not block (spawn a task for the stream's work). Dropping the stream
+/// The handler is called once per stream, on the stream's task: it must
+/// not block (spawn a task for the stream's work). Dropping the stream
 /// resets it.
 ///
 /// ```
-/// let raw = backchannel::RawStreams::new(|stream: backchannel::YamuxStream| {
+/// let raw = backchannel::RawStreams::new(|stream: backchannel::InboundStream| {
 ///     tokio::spawn(async move {
 ///         // e.g. tokio::io::copy_bidirectional(&mut stream, &mut tcp).await
 ///         drop(stream);
@@ -32,7 +30,7 @@ use crate::{stream::YamuxStream, ClientBuilder};
 /// ```
 #[derive(Clone)]
 pub struct RawStreams {
-    handler: Arc<dyn Fn(YamuxStream) + Send + Sync>,
+    handler: Arc<dyn Fn(InboundStream) + Send + Sync>,
 }
 
 impl std::fmt::Debug for RawStreams {
@@ -43,27 +41,15 @@ impl std::fmt::Debug for RawStreams {
 
 impl RawStreams {
     /// Calls `handler` with every stream the server opens.
-    pub fn new(handler: impl Fn(YamuxStream) + Send + Sync + 'static) -> Self {
+    pub fn new(handler: impl Fn(InboundStream) + Send + Sync + 'static) -> Self {
         RawStreams {
             handler: Arc::new(handler),
         }
     }
 
     /// Hands `stream` to the handler.
-    pub fn handle(&self, stream: YamuxStream) {
+    pub fn handle(&self, stream: InboundStream) {
         (self.handler)(stream)
-    }
-
-    /// Hands every stream of `inbound` to the handler until the session ends.
-    pub(crate) fn spawn(self, mut inbound: Incoming, span: Span) {
-        tokio::spawn(
-            async move {
-                while let Some(stream) = inbound.next().await {
-                    self.handle(stream);
-                }
-            }
-            .instrument(span),
-        );
     }
 }
 

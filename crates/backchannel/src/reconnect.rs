@@ -288,6 +288,8 @@ impl Drop for Supervisor {
 #[derive(Clone, Debug)]
 pub struct ReconnectingClient {
     channel: PeerChannel,
+    waiters: crate::sidechannel::Waiters,
+    label: Arc<str>,
     shared: Arc<Shared>,
     _supervisor: Arc<Supervisor>,
 }
@@ -299,6 +301,7 @@ impl ReconnectingClient {
         endpoint: Endpoint,
         routes: Routes,
     ) -> Self {
+        let waiters = builder.waiters.clone();
         let (events, _) = broadcast::channel(64);
         let (state, _) = watch::channel(None);
         let shared = Arc::new(Shared {
@@ -328,6 +331,8 @@ impl ReconnectingClient {
             _supervisor: supervisor.clone(),
         };
         ReconnectingClient {
+            waiters,
+            label: Arc::from(format!("server {target}")),
             channel: PeerChannel::following(Arc::new(follow), format!("server {target}")),
             shared,
             _supervisor: supervisor,
@@ -337,6 +342,31 @@ impl ReconnectingClient {
     /// The gRPC channel to the server, across sessions.
     pub fn channel(&self) -> PeerChannel {
         self.channel.clone()
+    }
+
+    /// Opens a [`Tunnel`](crate::Tunnel) to the server on the session of
+    /// the moment ([`Error::NotConnected`] while there is none).
+    ///
+    /// ```no_run
+    /// # async fn run(client: backchannel::ReconnectingClient) -> Result<(), backchannel::TunnelError> {
+    /// client.wait_connected().await;
+    /// let tunnel = client.open_tunnel(backchannel::TunnelRequest::new("logs")).await?;
+    /// # drop(tunnel); Ok(()) }
+    /// ```
+    pub async fn open_tunnel(
+        &self,
+        request: crate::TunnelRequest,
+    ) -> Result<crate::Tunnel, crate::TunnelError> {
+        let session = self.shared.current().session.clone();
+        let session = session.ok_or(Error::NotConnected)?;
+        crate::tunnel::open_on(&session, request, &self.label).await
+    }
+
+    /// Registers a Gitaly sidechannel waiter (see
+    /// [`Client::sidechannel`](crate::Client::sidechannel)); it is answered
+    /// on whichever session the server opens it.
+    pub fn sidechannel(&self) -> crate::SidechannelWaiter {
+        self.waiters.register()
     }
 
     /// Connection events from now on (the latest state is
@@ -434,6 +464,7 @@ async fn dial_loop(
                 &builder.server,
                 routes.clone(),
                 builder.raw.as_ref(),
+                builder.dispatch(&label),
                 &label,
                 tracing::Span::current(),
             )?;

@@ -247,6 +247,34 @@ impl Registry {
         Ok(self.backchannel(id)?)
     }
 
+    /// The session of peer `id`, if connected.
+    pub(crate) fn session(&self, id: PeerId) -> Option<SessionHandle> {
+        self.peers().get(&id).map(|e| e.session.clone())
+    }
+
+    /// Opens a [`Tunnel`](crate::Tunnel) to peer `id`: a new stream on its
+    /// session, answered by the peer's handler for the service (see
+    /// [`Tunnels`](crate::Tunnels)).
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// let registry = backchannel::Registry::new();
+    /// let err = registry
+    ///     .open_tunnel(backchannel::PeerId::new(9), backchannel::TunnelRequest::new("ssh"))
+    ///     .await
+    ///     .unwrap_err();
+    /// assert_eq!(err.to_string(), "no backchannel for peer 9");
+    /// # });
+    /// ```
+    pub async fn open_tunnel(
+        &self,
+        id: PeerId,
+        request: crate::TunnelRequest,
+    ) -> Result<crate::Tunnel, crate::TunnelError> {
+        let session = self.session(id).ok_or(Error::NoBackchannel(id))?;
+        crate::tunnel::open_on(&session, request, &format!("peer {id}")).await
+    }
+
     /// Information about peer `id`, if connected.
     pub fn get(&self, id: PeerId) -> Option<PeerInfo> {
         self.peers().get(&id).map(|e| e.info.clone())

@@ -55,6 +55,7 @@ pub struct ServerHandshaker {
     config: SessionConfig,
     max_peers: usize,
     endpoint: Option<Endpoint>,
+    tunnels: crate::Tunnels,
 }
 
 impl std::fmt::Debug for ServerHandshaker {
@@ -63,6 +64,7 @@ impl std::fmt::Debug for ServerHandshaker {
             .field("config", &self.config)
             .field("max_peers", &self.max_peers)
             .field("endpoint", &self.endpoint)
+            .field("tunnels", &self.tunnels)
             .finish_non_exhaustive()
     }
 }
@@ -75,7 +77,26 @@ impl ServerHandshaker {
             config,
             max_peers: usize::MAX,
             endpoint: None,
+            tunnels: crate::Tunnels::new(),
         }
+    }
+
+    /// The tunnel services the server offers its clients (see
+    /// [`Tunnels`](crate::Tunnels)). With none (the default) the server
+    /// accepts exactly one client-opened stream, as Gitaly does; with some,
+    /// later client-opened streams are sniffed: tunnels go to their
+    /// handlers, anything else is closed.
+    ///
+    /// ```
+    /// let h = backchannel::ServerHandshaker::new(backchannel::Registry::new(), backchannel::SessionConfig::server())
+    ///     .tunnels(backchannel::Tunnels::new().handle("upload", |t| async move {
+    ///         let _ = t.refuse(backchannel::RefusalKind::Unavailable, "full").await;
+    ///     }));
+    /// # drop(h);
+    /// ```
+    pub fn tunnels(mut self, tunnels: crate::Tunnels) -> Self {
+        self.tunnels = tunnels;
+        self
     }
 
     /// Configures every peer's reverse channel with a tonic [`Endpoint`]:
@@ -131,7 +152,10 @@ impl Handshaker for ServerHandshaker {
         let config = self.config.clone();
         let endpoint = self.endpoint.clone();
         let max_peers = self.max_peers;
-        Box::pin(async move { accept_peer(io, info, registry, config, endpoint, max_peers).await })
+        let tunnels = self.tunnels.clone();
+        Box::pin(async move {
+            accept_peer(io, info, registry, config, endpoint, max_peers, tunnels).await
+        })
     }
 }
 
@@ -146,8 +170,17 @@ async fn accept_peer(
     config: SessionConfig,
     endpoint: Option<Endpoint>,
     max_peers: usize,
+    tunnels: crate::Tunnels,
 ) -> Result<Handshaked, HandshakeError> {
     let id = registry.next_id();
+    // Clients that open tunnels open streams in bursts: more than one may
+    // wait to be accepted.
+    let config = if tunnels.is_empty() {
+        config
+    } else {
+        let backlog = config.accept_backlog().max(64);
+        config.with_accept_backlog(backlog)
+    };
     let span = info_span!("backchannel_peer", peer_id = id.get(), remote = ?info.remote_addr());
     let (session, mut inbound, _) = session::spawn(io, &config, Mode::Server, span.clone());
     let guard = CloseOnDrop(session.clone());
@@ -180,8 +213,20 @@ async fn accept_peer(
             })
         }
     };
-    // Exactly one client-opened stream, as in Gitaly: later ones are reset.
-    drop(inbound);
+    // Exactly one client-opened stream, as in Gitaly: later ones are reset,
+    // unless the server offers tunnels (then only tunnels are accepted).
+    if tunnels.is_empty() {
+        drop(inbound);
+    } else {
+        let dispatch = std::sync::Arc::new(crate::inbound::Dispatch {
+            tunnels,
+            sidechannels: None,
+            sniff_timeout: config.handshake_timeout(),
+            side: format!("peer {id}").into(),
+        });
+        let _entered = span.enter();
+        crate::inbound::serve(inbound, dispatch, crate::inbound::Fallback::Refuse);
+    }
     if registry.len() >= max_peers {
         // Tell the client why (its first call gets RESOURCE_EXHAUSTED), then
         // close the session.

@@ -25,6 +25,7 @@ pub mod peers_cmd;
 pub mod router;
 pub mod signal;
 pub mod tls;
+pub mod tunnel;
 
 /// Generated protobuf and gRPC code of the hub's API.
 pub mod pb {

@@ -59,6 +59,8 @@ pub struct AgentConfig {
     /// connection to the exposed service (see [`splice`]) instead of
     /// terminating HTTP/2 and proxying every call. Default on.
     pub splice: bool,
+    /// TCP services offered as tunnel services: `(NAME, HOST:PORT)`.
+    pub expose_tcp: Vec<(String, String)>,
 }
 
 impl AgentConfig {
@@ -78,6 +80,7 @@ impl AgentConfig {
             grace: Duration::from_secs(10),
             token_file: None,
             splice: true,
+            expose_tcp: Vec::new(),
         }
     }
 }
@@ -275,7 +278,9 @@ async fn run_loop(
         .with_initial(cfg.backoff_initial)
         .with_max(cfg.backoff_max)
         .with_reset_after(STABLE_SESSION);
-    let mut builder = ClientBuilder::new().backoff(backoff);
+    let mut builder = ClientBuilder::new()
+        .backoff(backoff)
+        .tunnels(crate::tunnel::agent::tunnels(&cfg.expose_tcp));
     if let Some((c, n)) = &tls {
         builder = builder.tls(c.clone(), n.clone());
     }
@@ -561,6 +566,10 @@ pub struct AgentArgs {
     /// service, instead of splicing the hub's connections onto it.
     #[arg(long)]
     pub proxy_calls: bool,
+    /// Offer the TCP service at HOST:PORT as tunnel service NAME (for
+    /// `backchannel tunnel --service NAME`; repeatable).
+    #[arg(long = "expose-tcp", value_name = "NAME=HOST:PORT", value_parser = crate::tunnel::agent::parse_expose_tcp)]
+    pub expose_tcp: Vec<(String, String)>,
 }
 
 impl AgentArgs {
@@ -574,6 +583,7 @@ impl AgentArgs {
         cfg.tls_server_name = self.tls_server_name;
         cfg.token_file = self.token_file;
         cfg.splice = !self.proxy_calls;
+        cfg.expose_tcp = self.expose_tcp;
         cfg.backoff_max = self.max_backoff;
         cfg.backoff_initial = cfg.backoff_initial.min(cfg.backoff_max);
         cfg.grace = self.grace.min(Duration::from_secs(365 * 86400));

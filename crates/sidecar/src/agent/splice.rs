@@ -32,7 +32,7 @@ use std::{
     time::Duration,
 };
 
-use backchannel::{AuthorityFix, YamuxStream};
+use backchannel::{AuthorityFix, InboundStream};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -124,7 +124,7 @@ impl Splicer {
         })
     }
 
-    async fn serve(&self, stream: YamuxStream) {
+    async fn serve(&self, stream: InboundStream) {
         let id = stream.id();
         let stream = AuthorityFix::new(stream);
         let service = match tokio::time::timeout(CONNECT_TIMEOUT, connect(&self.inner.target)).await
@@ -180,7 +180,7 @@ impl Splicer {
 
     /// Serves `stream` with the proxying agent (which answers UNAVAILABLE
     /// naming the service while it is down).
-    async fn fall_back(&self, stream: AuthorityFix<YamuxStream>, why: &str) {
+    async fn fall_back(&self, stream: AuthorityFix<InboundStream>, why: &str) {
         tracing::debug!(target = %self.inner.target, why, "cannot splice; proxying this connection");
         let fallback = self.inner.fallback.clone();
         let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {

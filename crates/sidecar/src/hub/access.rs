@@ -206,6 +206,50 @@ impl Access {
         Ok(Some(permit))
     }
 
+    /// May `identity` open a tunnel to `service` on `peer` (`None`: no such
+    /// peer)? Like [`authorize_call`](Self::authorize_call): a forbidden peer
+    /// and an unknown one get the same answer, and the permit holds one of
+    /// the caller's in-flight slots (calls and tunnels together).
+    pub fn authorize_tunnel(
+        &self,
+        identity: &str,
+        target: &str,
+        peer: Option<PeerView<'_>>,
+        service: &str,
+    ) -> Result<Option<Permit>, Denial> {
+        let Some(policy) = self.current() else {
+            return Ok(None);
+        };
+        let Some(rule) = peer.and_then(|p| policy.tunnel_rule(identity, p, service)) else {
+            return Err(Denial::new(
+                "permission_denied",
+                Status::permission_denied(format!(
+                    "'{identity}' may not open tunnel '{service}' on '{target}'"
+                )),
+            ));
+        };
+        let counter = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(identity.to_string())
+            .or_default()
+            .clone();
+        let n = counter.fetch_add(1, Ordering::AcqRel) + 1;
+        let permit = Permit(counter);
+        if let Some(max) = rule.max_concurrent {
+            if n > max {
+                return Err(Denial::new(
+                    "max_concurrent",
+                    Status::resource_exhausted(format!(
+                        "'{identity}' already has {max} calls and tunnels in flight (max_concurrent)"
+                    )),
+                ));
+            }
+        }
+        Ok(Some(permit))
+    }
+
     /// May `identity` use the admin API (`Peers.List`, `Peers.Watch`)?
     pub fn authorize_admin(&self, identity: &str) -> Result<(), Denial> {
         match self.current() {

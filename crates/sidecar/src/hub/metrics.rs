@@ -51,6 +51,8 @@ pub struct Metrics {
     calls: Family<CodeLabel, Counter>,
     bytes: Family<DirectionLabel, Counter>,
     denied: Family<ReasonLabel, Counter>,
+    /// Tunnel counters (`backchannel tunnel`).
+    pub tunnels: crate::tunnel::hub::TunnelMetrics,
 }
 
 /// The label of a refusal counter.
@@ -74,6 +76,7 @@ impl Default for Metrics {
             calls: Family::default(),
             bytes,
             denied: Family::default(),
+            tunnels: Default::default(),
         }
     }
 }
@@ -133,6 +136,7 @@ impl Metrics {
             "Message bytes of routed calls, by direction",
             self.bytes.clone(),
         );
+        self.tunnels.register(registry);
     }
 }
 

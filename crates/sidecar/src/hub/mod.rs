@@ -195,7 +195,13 @@ impl Hub {
             )
             .handshaker(
                 ServerHandshaker::new(registry.clone(), session).with_max_peers(cfg.max_peers),
-            );
+            )
+            // Connections of `backchannel tunnel` callers.
+            .handshaker(crate::tunnel::hub::TunnelHandshaker::new(
+                state.clone(),
+                access.clone(),
+                cfg.handshake_timeout,
+            ));
         match (&cfg.tls_cert, &cfg.tls_key) {
             (Some(c), Some(k)) => {
                 let tls = crate::tls::server_config_with(

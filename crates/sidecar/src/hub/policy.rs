@@ -20,6 +20,13 @@
 //! methods = ["/backchannel.testing.v1.Echo/*"]
 //! max_concurrent = 64
 //!
+//! # Tunnels (`backchannel tunnel`): a rule with `tunnels` allows those
+//! # services; with `tunnels` and no `methods` it allows no calls.
+//! [[callers]]
+//! identity = "ops"
+//! peers = ["inventory"]
+//! tunnels = ["ssh"]
+//!
 //! [[admins]]
 //! identity = "ops"
 //! ```
@@ -91,6 +98,9 @@ pub struct CallerRule {
     names: GlobSet,
     labels: Vec<(String, String)>,
     methods: Option<GlobSet>,
+    /// Tunnel services (`backchannel tunnel --service`) the rule allows;
+    /// `None`: no tunnels.
+    tunnels: Option<GlobSet>,
     /// Most routed calls the caller may have in flight under this rule.
     pub max_concurrent: Option<u32>,
 }
@@ -148,6 +158,7 @@ struct RawCaller {
     identity: Spanned<String>,
     peers: Spanned<Vec<Spanned<String>>>,
     methods: Option<Spanned<Vec<Spanned<String>>>>,
+    tunnels: Option<Spanned<Vec<Spanned<String>>>>,
     max_concurrent: Option<Spanned<u32>>,
 }
 
@@ -375,7 +386,19 @@ impl Policy {
                     None => names.push(p.clone()),
                 }
             }
+            let tunnels = match &c.tunnels {
+                None => None,
+                Some(t) if t.get_ref().is_empty() => {
+                    return Err(ctx.err(
+                        t.span(),
+                        "tunnels must not be empty (leave it out to allow no tunnels)",
+                    ))
+                }
+                Some(t) => Some(glob_set(&ctx, "tunnel service", t.get_ref())?),
+            };
             let methods = match &c.methods {
+                // A rule for tunnels allows calls only where it lists methods.
+                None if tunnels.is_some() => Some(GlobSet::empty()),
                 None => None,
                 Some(m) if m.get_ref().is_empty() => {
                     return Err(ctx.err(
@@ -400,6 +423,7 @@ impl Policy {
                 },
                 labels,
                 methods,
+                tunnels,
                 max_concurrent,
             });
         }
@@ -475,6 +499,21 @@ impl Policy {
             (r.identity == ANY || r.identity == identity)
                 && r.selects(peer)
                 && r.methods.as_ref().is_none_or(|m| m.is_match(method))
+        })
+    }
+
+    /// The first caller rule letting `identity` open a tunnel to `service`
+    /// on `peer`.
+    pub fn tunnel_rule(
+        &self,
+        identity: &str,
+        peer: PeerView<'_>,
+        service: &str,
+    ) -> Option<&CallerRule> {
+        self.callers.iter().find(|r| {
+            (r.identity == ANY || r.identity == identity)
+                && r.selects(peer)
+                && r.tunnels.as_ref().is_some_and(|t| t.is_match(service))
         })
     }
 

@@ -36,6 +36,14 @@ pub struct PeerCounters {
     pub leaving: AtomicBool,
     /// Notified when `in_flight` drops to zero.
     pub idle: Notify,
+    /// Tunnels to the peer open now.
+    pub tunnels_open: AtomicI64,
+    /// Tunnels to the peer so far.
+    pub tunnels: AtomicU64,
+    /// Tunnel bytes sent to / received from the peer.
+    pub tunnel_bytes_to_peer: AtomicU64,
+    /// See `tunnel_bytes_to_peer`.
+    pub tunnel_bytes_from_peer: AtomicU64,
 }
 
 struct Entry {
@@ -481,6 +489,50 @@ impl HubState {
         Ok((route, granted))
     }
 
+    // ---- tunnels (crate::tunnel::hub) ----
+
+    /// Resolves a tunnel's peer (a name, else a numeric ID) and asks
+    /// `authorize` about it, under one lock, like [`resolve`](Self::resolve);
+    /// a leaving or superseded peer gets no new tunnels. Returns the peer's
+    /// ID, a label for messages and its counters.
+    pub fn resolve_tunnel<A, E>(
+        &self,
+        target: &str,
+        authorize: impl FnOnce(Option<PeerView<'_>>) -> Result<A, E>,
+    ) -> Result<(PeerId, String, Arc<PeerCounters>, A), Unroutable<E>> {
+        let target = target.trim();
+        if let Ok(id) = target.parse::<PeerId>() {
+            if let Some(info) = self.registry.get(id) {
+                self.joined(info);
+            }
+        }
+        let t = self.tables();
+        let by_name = t.names.get(target).copied();
+        let id = by_name.or_else(|| target.parse::<PeerId>().ok());
+        let entry = id.and_then(|id| t.peers.get(&id)).filter(|e| !e.superseded);
+        let granted = authorize(entry.map(|e| PeerView {
+            name: &e.name,
+            labels: &e.labels,
+        }))
+        .map_err(Unroutable::Denied)?;
+        let Some(entry) = entry else {
+            return Err(Unroutable::Status(Status::not_found(format!(
+                "no peer '{target}' is connected to this hub"
+            ))));
+        };
+        let id = entry.info.id;
+        let label = match by_name {
+            Some(_) => format!("peer '{target}' (id {id})"),
+            None => format!("peer {id}"),
+        };
+        if entry.counters.leaving.load(Ordering::SeqCst) {
+            return Err(Unroutable::Status(Status::unavailable(format!(
+                "{label} is leaving; not opening new tunnels to it"
+            ))));
+        }
+        Ok((id, label, entry.counters.clone(), granted))
+    }
+
     /// Stops routing new calls (they get UNAVAILABLE).
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
@@ -528,6 +580,10 @@ fn to_pb(e: &Entry) -> Peer {
         generation: e.generation,
         identity: e.identity.clone(),
         flow: None,
+        tunnels_open: c.tunnels_open.load(Ordering::Relaxed),
+        tunnels_total: c.tunnels.load(Ordering::Relaxed),
+        tunnel_bytes_to_peer: c.tunnel_bytes_to_peer.load(Ordering::Relaxed),
+        tunnel_bytes_from_peer: c.tunnel_bytes_from_peer.load(Ordering::Relaxed),
     }
 }
 

@@ -1,0 +1,376 @@
+//! Tunnels through the sidecar over real sockets: a caller (the
+//! `backchannel tunnel` dialer, or the binary with `--stdio`) → hub →
+//! agent (`--expose-tcp`) → a TCP service.
+
+use std::{path::Path, time::Duration};
+
+use backchannel_sidecar::{
+    agent::{Agent, AgentConfig},
+    hub::{
+        identity::{hex, token_sha256},
+        Hub, HubConfig,
+    },
+    pb::hub::{peers_client::PeersClient, ListPeersRequest},
+    tunnel::cli::{Dialer, TunnelArgs},
+};
+use backchannel_testkit::pattern::{check_stream, stream_slice};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::TcpListener,
+};
+
+const T: Duration = Duration::from_secs(30);
+const MIB: u64 = 1024 * 1024;
+
+async fn send_stream<W: AsyncWrite + Unpin>(w: &mut W, seed: u64, total: u64) {
+    let mut off = 0;
+    while off < total {
+        let n = (total - off).min(256 * 1024) as usize;
+        w.write_all(stream_slice(seed, off, n)).await.unwrap();
+        off += n as u64;
+    }
+}
+
+async fn recv_stream<R: AsyncRead + Unpin>(r: &mut R, seed: u64) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut off = 0;
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(off);
+        }
+        check_stream(seed, off, &buf[..n]);
+        off += n as u64;
+    }
+}
+
+/// A TCP echo service that half-closes when its client does.
+async fn echo_service() -> (String, tokio::task::JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let task = tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = tcp.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// A service that reads stream 3 to EOF, then sends 2 MiB of stream 4.
+async fn half_close_service() -> (String, tokio::task::JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let task = tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let got = recv_stream(&mut tcp, 3).await.unwrap();
+                assert_eq!(got, 3 * MIB);
+                send_stream(&mut tcp, 4, 2 * MIB).await;
+                tcp.shutdown().await.unwrap();
+            });
+        }
+    });
+    (addr, task)
+}
+
+fn args(hub: &str, peer: &str, service: &str) -> TunnelArgs {
+    TunnelArgs {
+        hub: hub.into(),
+        peer: peer.into(),
+        service: service.into(),
+        listen: None,
+        stdio: true,
+        tls_ca: None,
+        tls_cert: None,
+        tls_key: None,
+        tls_server_name: None,
+        token_file: None,
+        timeout: Duration::from_secs(10),
+    }
+}
+
+struct Setup {
+    hub: Hub,
+    agent: Option<Agent>,
+    hub_addr: String,
+    _services: Vec<tokio::task::JoinHandle<()>>,
+    dead_port: String,
+}
+
+async fn setup(policy: Option<&Path>, agent_token: Option<&Path>) -> Setup {
+    let (echo, t1) = echo_service().await;
+    let (half, t2) = half_close_service().await;
+    // A port nothing listens on.
+    let dead_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let cfg = HubConfig {
+        policy: policy.map(Path::to_path_buf),
+        ..Default::default()
+    };
+    let hub = Hub::start(cfg).await.unwrap();
+    let hub_addr = hub.addr.unwrap().to_string();
+    let mut acfg = AgentConfig::new(hub_addr.clone(), "box", "127.0.0.1:1");
+    acfg.expose_tcp = vec![
+        ("echo".into(), echo),
+        ("half".into(), half),
+        ("dead".into(), dead_port.clone()),
+    ];
+    acfg.token_file = agent_token.map(Path::to_path_buf);
+    let agent = Agent::start(acfg).unwrap();
+    hub.wait_for_name("box", T)
+        .await
+        .expect("the agent announces");
+    Setup {
+        hub,
+        agent: Some(agent),
+        hub_addr,
+        _services: vec![t1, t2],
+        dead_port,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_gib_each_way_through_hub_and_agent() {
+    let s = setup(None, None).await;
+    let dialer = Dialer::new(&args(&s.hub_addr, "box", "echo")).unwrap();
+    let (mut r, mut w) = dialer.open().await.unwrap();
+    let send = async {
+        send_stream(&mut w, 21, 1024 * MIB).await;
+        w.shutdown().await.unwrap();
+    };
+    let ((), got) = tokio::join!(send, recv_stream(&mut r, 21));
+    assert_eq!(got.unwrap(), 1024 * MIB);
+    // Counted per peer in Peers.List.
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", s.hub_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let peers = PeersClient::new(ch)
+        .list(ListPeersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .peers;
+    let p = peers.iter().find(|p| p.name == "box").unwrap();
+    assert_eq!(p.tunnels_total, 1);
+    assert!(p.tunnel_bytes_to_peer >= 1024 * MIB, "{p:?}");
+    assert!(p.tunnel_bytes_from_peer >= 1024 * MIB, "{p:?}");
+    s.agent.unwrap().stop().await;
+    s.hub.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_concurrent_tunnels_and_half_close() {
+    let s = setup(None, None).await;
+    let dialer = Dialer::new(&args(&s.hub_addr, "box", "echo")).unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..100u64 {
+        let dialer = dialer.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut r, mut w) = dialer.open().await.unwrap();
+            let send = async {
+                send_stream(&mut w, 200 + i, MIB).await;
+                w.shutdown().await.unwrap();
+            };
+            let ((), got) = tokio::join!(send, recv_stream(&mut r, 200 + i));
+            got.unwrap()
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), MIB);
+    }
+    // Half-close: the caller shuts down writing; the service reads to EOF
+    // and only then answers.
+    let dialer = Dialer::new(&args(&s.hub_addr, "box", "half")).unwrap();
+    let (mut r, mut w) = dialer.open().await.unwrap();
+    send_stream(&mut w, 3, 3 * MIB).await;
+    w.shutdown().await.unwrap();
+    assert_eq!(recv_stream(&mut r, 4).await.unwrap(), 2 * MIB);
+    s.agent.unwrap().stop().await;
+    s.hub.shutdown().await;
+}
+
+#[tokio::test]
+async fn unknown_peer_service_or_dead_service_get_clear_errors() {
+    let s = setup(None, None).await;
+    let err = |peer: &str, service: &str| {
+        let d = Dialer::new(&args(&s.hub_addr, peer, service)).unwrap();
+        async move { format!("{:#}", d.open().await.err().expect("refused")) }
+    };
+    let e = err("nobody", "echo").await;
+    assert!(e.contains("no peer 'nobody'"), "{e}");
+    let e = err("box", "nope").await;
+    assert!(e.contains("no tunnel service 'nope'"), "{e}");
+    let e = err("box", "dead").await;
+    assert!(
+        e.contains(&format!("cannot connect to {}", s.dead_port)),
+        "{e}"
+    );
+    assert!(e.contains("unavailable"), "{e}");
+    s.agent.unwrap().stop().await;
+    s.hub.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_killed_mid_tunnel_is_an_error_for_the_caller() {
+    let mut s = setup(None, None).await;
+    let dialer = Dialer::new(&args(&s.hub_addr, "box", "echo")).unwrap();
+    let (mut r, mut w) = dialer.open().await.unwrap();
+    send_stream(&mut w, 5, MIB).await;
+    let mut buf = vec![0u8; MIB as usize];
+    r.read_exact(&mut buf).await.unwrap();
+    check_stream(5, 0, &buf);
+    s.agent.take().unwrap().stop().await;
+    let mut rest = Vec::new();
+    let e = tokio::time::timeout(Duration::from_secs(10), r.read_to_end(&mut rest))
+        .await
+        .expect("the caller's side ends promptly")
+        .unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionAborted, "{e}");
+    assert!(e.to_string().contains("peer 'box'"), "{e}");
+    s.hub.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_policy_decides_who_opens_which_tunnel() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let policy = write(
+        "policy.toml",
+        &format!(
+            r#"
+[identity.agent]
+token_sha256 = "{}"
+[identity.ops]
+token_sha256 = "{}"
+[identity.dev]
+token_sha256 = "{}"
+
+[[agents]]
+identity = "agent"
+names = ["box"]
+
+[[callers]]
+identity = "ops"
+peers = ["box"]
+tunnels = ["echo", "ha*"]
+
+[[callers]]
+identity = "dev"
+peers = ["box"]
+methods = ["/*"]
+"#,
+            hex(&token_sha256("agent-secret")),
+            hex(&token_sha256("ops-secret")),
+            hex(&token_sha256("dev-secret")),
+        ),
+    );
+    let agent_token = write("agent.token", "agent-secret");
+    let ops = write("ops.token", "ops-secret");
+    let dev = write("dev.token", "dev-secret");
+    let s = setup(Some(&policy), Some(&agent_token)).await;
+    let open = |token: Option<&Path>, service: &str| {
+        let mut a = args(&s.hub_addr, "box", service);
+        a.token_file = token.map(Path::to_path_buf);
+        let d = Dialer::new(&a).unwrap();
+        async move { d.open().await.map(|_| ()).map_err(|e| format!("{e:#}")) }
+    };
+    open(Some(&ops), "echo").await.unwrap();
+    let e = open(Some(&ops), "dead").await.unwrap_err();
+    assert!(e.contains("may not open tunnel 'dead'"), "{e}");
+    // A rule with methods but no tunnels allows no tunnel.
+    let e = open(Some(&dev), "echo").await.unwrap_err();
+    assert!(e.contains("may not open tunnel 'echo'"), "{e}");
+    let e = open(None, "echo").await.unwrap_err();
+    assert!(e.contains("requires credentials"), "{e}");
+    // A rule with tunnels and no methods allows no call.
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", s.hub_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut req = tonic::Request::new(backchannel_demo::pb::testing::EchoRequest {
+        message: "hi".into(),
+        ..Default::default()
+    });
+    req.metadata_mut()
+        .insert("backchannel-peer", "box".parse().unwrap());
+    req.metadata_mut()
+        .insert("authorization", "Bearer ops-secret".parse().unwrap());
+    let st = backchannel_demo::pb::testing::echo_client::EchoClient::new(ch)
+        .unary(req)
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), tonic::Code::PermissionDenied, "{st}");
+    s.agent.unwrap().stop().await;
+    s.hub.shutdown().await;
+}
+
+/// `backchannel tunnel --stdio` is a real process whose stdin/stdout are
+/// the tunnel, as for an ssh ProxyCommand; the far side here is the echo
+/// service, driven through the process's pipes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_with_stdio_relays_and_exits_when_the_far_side_ends() {
+    let s = setup(None, None).await;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_backchannel"))
+        .args([
+            "tunnel",
+            "--hub",
+            &s.hub_addr,
+            "--peer",
+            "box",
+            "--service",
+            "echo",
+            "--stdio",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let send = async {
+        send_stream(&mut stdin, 6, 16 * MIB).await;
+        drop(stdin); // EOF: the tunnel half-closes, the echo service ends
+    };
+    let ((), got) = tokio::join!(send, recv_stream(&mut stdout, 6));
+    assert_eq!(got.unwrap(), 16 * MIB);
+    let status = tokio::time::timeout(T, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
+    // A refused tunnel: exit status 1 and the reason on stderr.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_backchannel"))
+        .args([
+            "tunnel",
+            "--hub",
+            &s.hub_addr,
+            "--peer",
+            "box",
+            "--service",
+            "nope",
+            "--stdio",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no tunnel service 'nope'"), "{err}");
+    s.agent.unwrap().stop().await;
+    s.hub.shutdown().await;
+}
