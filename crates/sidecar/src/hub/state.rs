@@ -516,6 +516,7 @@ fn to_pb(e: &Entry) -> Peer {
         bytes_from_peer: c.bytes_from_peer.load(Ordering::Relaxed),
         generation: e.generation,
         identity: e.identity.clone(),
+        hub_id: String::new(),
     }
 }
 
