@@ -125,6 +125,7 @@ pub struct Hub {
     state: Arc<HubState>,
     stats: Arc<listenmux::Stats>,
     access: Arc<access::Access>,
+    cluster: Option<Arc<cluster::Cluster>>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
@@ -182,14 +183,7 @@ impl Hub {
         let events = state.spawn_event_loop();
         state.set_supersede_grace(cfg.grace);
         let mut side_tasks = vec![limits::spawn_heap_trimmer(state.clone())];
-        let cluster = match &cfg.cluster {
-            Some(c) => {
-                let (cluster, tasks) = cluster::Cluster::start(c, state.clone())?;
-                side_tasks.extend(tasks);
-                Some(cluster)
-            }
-            None => None,
-        };
+
         let isolation = isolation::Isolation::new(cfg.isolated_callers_per_peer);
 
         // An agent's session carries every caller's isolated HTTP/2
@@ -249,6 +243,24 @@ impl Hub {
                 .with_context(|| format!("listening on {}", path.display()))?;
             streams.push(Box::pin(mux.clone().incoming(l)));
         }
+        // Port 0 in --advertise: the port this hub listens on.
+        let cluster = match &cfg.cluster {
+            Some(c) => {
+                let mut c = c.clone();
+                if let (Some(a), Some(host)) =
+                    (addr, c.advertise.strip_suffix(":0").map(str::to_string))
+                {
+                    c.advertise = format!("{host}:{}", a.port());
+                    if c.hub_id == format!("{host}:0") {
+                        c.hub_id = c.advertise.clone();
+                    }
+                }
+                let (cluster, tasks) = cluster::Cluster::start(&c, state.clone())?;
+                side_tasks.extend(tasks);
+                Some(cluster)
+            }
+            None => None,
+        };
         let iso = isolation.clone();
         let incoming = futures::stream::select_all(streams)
             .map(move |c| c.map(|c| isolation::CallerConn::new(c, &iso)));
@@ -334,6 +346,7 @@ impl Hub {
             .serve_with_incoming_shutdown(incoming, stop_conns.clone().cancelled_owned());
 
         let grace = cfg.grace;
+        let cluster_handle = cluster.clone();
         let unix = cfg.unix.clone();
         let st = state.clone();
         let sd = shutdown.clone();
@@ -389,6 +402,7 @@ impl Hub {
             state,
             stats,
             access,
+            cluster: cluster_handle,
             shutdown,
             task,
         })
@@ -417,6 +431,11 @@ impl Hub {
     /// The listener's counters (connections accepted, refused, evicted...).
     pub fn mux_stats(&self) -> listenmux::StatsSnapshot {
         self.stats.snapshot()
+    }
+
+    /// The cluster this hub belongs to, if any.
+    pub fn cluster(&self) -> Option<&Arc<cluster::Cluster>> {
+        self.cluster.as_ref()
     }
 
     /// The core registry (for reverse calls from the hub itself).
