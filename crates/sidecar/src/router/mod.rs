@@ -115,23 +115,26 @@ pub async fn forward(
         },
         None => Some(call.await),
     };
-    let finish = |status: Status| {
+    use crate::hub::fate::{self, Fate};
+    let finish = |status: Status, fate: Fate| {
         observer.finished(Some(status.code()));
-        status_response(status)
+        fate::respond(status, fate)
     };
     match result {
-        None => finish(Status::deadline_exceeded(format!(
-            "deadline exceeded before {target} answered"
-        ))),
+        None => finish(
+            Status::deadline_exceeded(format!("deadline exceeded before {target} answered")),
+            Fate::Sent,
+        ),
         // The channel enforces grpc-timeout too (as CANCELLED "Timeout
         // expired"); either timer firing means the deadline passed.
-        Some(Err(err)) if is_timeout(&err) => finish(Status::deadline_exceeded(format!(
-            "deadline exceeded before {target} answered"
-        ))),
-        Some(Err(err)) => finish(Status::unavailable(format!(
-            "{target} is unavailable: {}",
-            error_chain(&err)
-        ))),
+        Some(Err(err)) if is_timeout(&err) => finish(
+            Status::deadline_exceeded(format!("deadline exceeded before {target} answered")),
+            Fate::Sent,
+        ),
+        Some(Err(err)) => finish(
+            Status::unavailable(format!("{target} is unavailable: {}", error_chain(&err))),
+            fate::of_transport_error(&err),
+        ),
         Some(Ok(resp)) => {
             let (parts, body) = resp.into_parts();
             // A trailers-only response carries its status in the headers.
@@ -238,6 +241,7 @@ impl ResponseBody {
         self.finish();
         let mut trailers = HeaderMap::new();
         let _ = status.add_header(&mut trailers);
+        crate::hub::fate::Fate::Sent.mark(&mut trailers);
         Poll::Ready(Some(Ok(Frame::trailers(trailers))))
     }
 }
