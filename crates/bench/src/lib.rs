@@ -14,6 +14,7 @@
 //! | `raw-tcp` / `raw-yamux` / `raw-tokio-yamux` | the `copy` workload: bytes through one TCP socket / one backchannel-yamux stream / one tokio-yamux stream |
 
 pub mod chart;
+pub mod cluster;
 pub mod paths;
 pub mod peers;
 pub mod report;
@@ -161,6 +162,9 @@ enum BenchCommand {
     /// The hub under churn, floods, fake peers and slow readers for a
     /// while; checks it is back where it started (`soak --duration 20s`).
     Soak(soak::SoakArgs),
+    /// Three clustered hubs on redis-server: same-hub vs cross-hub routed
+    /// calls, and registering many peers over the three.
+    Cluster(cluster::ClusterArgs),
     /// (internal) the client process of `peers`.
     #[command(hide = true)]
     PeersChild {
@@ -239,6 +243,7 @@ pub async fn run(mut a: BenchArgs) -> anyhow::Result<()> {
             return Ok(());
         }
         Some(BenchCommand::Soak(s)) => return soak::run(&s).await,
+        Some(BenchCommand::Cluster(c)) => return cluster::run(&c).await,
         Some(BenchCommand::PeersChild {
             addr,
             n,
