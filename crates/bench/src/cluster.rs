@@ -76,7 +76,13 @@ async fn bench_service() -> anyhow::Result<String> {
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(BenchServer::new(BenchService))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
+            .serve_with_incoming(
+                tokio_stream::wrappers::TcpListenerStream::new(l).map(|s| {
+                    s.inspect(|s| {
+                        let _ = s.set_nodelay(true);
+                    })
+                }),
+            ),
     );
     Ok(addr)
 }
@@ -196,31 +202,34 @@ pub async fn run(a: &ClusterArgs) -> anyhow::Result<()> {
         namespace: ns.clone(),
         ..RedisConfig::new(url.clone())
     })?;
+    // Baseline in the same run: the same registrations on three hubs that
+    // are not clustered.
+    let mut solo = Vec::new();
+    for _ in 0..3 {
+        solo.push(
+            Hub::start(HubConfig {
+                max_peers: a.peers + 100,
+                ..Default::default()
+            })
+            .await?,
+        );
+    }
+    let solo_addrs: Vec<String> = solo.iter().map(|h| h.addr.expect("tcp").to_string()).collect();
+    let t = Instant::now();
+    let base = register(&solo_addrs, a.peers).await;
+    let base_secs = t.elapsed().as_secs_f64();
+    let base_n = base.len();
+    for c in &base {
+        c.close();
+    }
+    drop(base);
+    for h in solo {
+        h.shutdown().await;
+    }
     let start = Instant::now();
-    let clients = Arc::new(tokio::sync::Mutex::new(Vec::with_capacity(a.peers)));
-    futures::stream::iter(0..a.peers)
-        .for_each_concurrent(128, |i| {
-            let addr = addrs[i % 3].clone();
-            let clients = clients.clone();
-            async move {
-                let routes = tonic::service::Routes::new(BenchServer::new(BenchService));
-                let Ok(c) = backchannel::ClientBuilder::new().connect_tcp(&addr, routes).await else {
-                    return;
-                };
-                let r = RegistrationClient::new(c.channel())
-                    .announce(AnnounceRequest {
-                        name: format!("r{i}"),
-                        labels: Default::default(),
-                    })
-                    .await;
-                if r.is_ok() {
-                    clients.lock().await.push(c);
-                }
-            }
-        })
-        .await;
+    let clients = register(&addrs, a.peers).await;
     let announced = start.elapsed();
-    let n = clients.lock().await.len();
+    let n = clients.len();
     loop {
         let listed = dir.list().await.map(|v| v.len()).unwrap_or(0);
         if listed >= n {
@@ -253,18 +262,52 @@ pub async fn run(a: &ClusterArgs) -> anyhow::Result<()> {
         .await;
     let routable = start.elapsed();
     println!(
-        "  registration: {n} of {} peers over 3 hubs announced in {:.2} s, all recorded (routable from every hub) at {:.2} s; a cross-hub call to each: done at {:.2} s, {} failed",
+        "  registration baseline (3 hubs, no cluster): {base_n} of {} peers announced in {base_secs:.2} s",
+        a.peers
+    );
+    println!(
+        "  registration: {n} of {} peers over 3 hubs announced in {:.2} s ({:.2}x the baseline), all recorded (routable from every hub) at {:.2} s; a cross-hub call to each: done at {:.2} s, {} failed",
         a.peers,
         announced.as_secs_f64(),
+        announced.as_secs_f64() / base_secs.max(1e-9),
         recorded.as_secs_f64(),
         routable.as_secs_f64(),
         failures.load(std::sync::atomic::Ordering::Relaxed)
     );
-    for c in clients.lock().await.iter() {
+    for c in &clients {
         c.close();
     }
     for h in hubs {
         h.shutdown().await;
     }
     Ok(())
+}
+
+/// `n` backchannel clients announcing `r0`..`rN` over `addrs` in turn
+/// (128 at a time): the ones that announced.
+async fn register(addrs: &[String], n: usize) -> Vec<backchannel::Client> {
+    let clients = Arc::new(tokio::sync::Mutex::new(Vec::with_capacity(n)));
+    futures::stream::iter(0..n)
+        .for_each_concurrent(128, |i| {
+            let addr = addrs[i % addrs.len()].clone();
+            let clients = clients.clone();
+            async move {
+                let routes = tonic::service::Routes::new(BenchServer::new(BenchService));
+                let Ok(c) = backchannel::ClientBuilder::new().connect_tcp(&addr, routes).await else {
+                    return;
+                };
+                let r = RegistrationClient::new(c.channel())
+                    .announce(AnnounceRequest {
+                        name: format!("r{i}"),
+                        labels: Default::default(),
+                    })
+                    .await;
+                if r.is_ok() {
+                    clients.lock().await.push(c);
+                }
+            }
+        })
+        .await;
+    let v = std::mem::take(&mut *clients.lock().await);
+    v
 }
