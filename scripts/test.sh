@@ -13,5 +13,13 @@ if ! python3 -c 'import grpc' 2>/dev/null; then
   python3 -m pip install --quiet --disable-pip-version-check grpcio
 fi
 
+# A real Redis for the cluster tests (tests/cluster.rs starts its own
+# redis-server on a free loopback port).
+if ! command -v redis-server >/dev/null 2>&1; then
+  sudo=""; [ "$(id -u)" -ne 0 ] && sudo=sudo
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server >/dev/null
+fi
+
 # Release build: the suite moves hundreds of MiB through yamux.
 cargo test --workspace --release "$@"

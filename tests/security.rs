@@ -534,7 +534,7 @@ async fn the_deny_matrix() {
 
     // The admin API: ops is an admin, billing is not, nobody is nothing.
     let peers = PeersClient::new(ops.clone())
-        .list(ListPeersRequest {})
+        .list(ListPeersRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -542,7 +542,7 @@ async fn the_deny_matrix() {
     let p = peers.iter().find(|p| p.name == "inventory").unwrap();
     assert_eq!(p.identity, "inventory-agent");
     assert!(p.generation > 0, "{p:?}");
-    let mut list = Request::new(ListPeersRequest {});
+    let mut list = Request::new(ListPeersRequest::default());
     list.metadata_mut()
         .insert("authorization", "Bearer billing-token".parse().unwrap());
     assert_code(
@@ -564,7 +564,7 @@ async fn the_deny_matrix() {
     );
     assert_code(
         PeersClient::new(anon.clone())
-            .list(ListPeersRequest {})
+            .list(ListPeersRequest::default())
             .await,
         Code::Unauthenticated,
         "anonymous List",

@@ -622,7 +622,7 @@ async fn admin_list_watch_health_and_reflection() {
     assert_eq!(ev.peer.as_ref().unwrap().name, "svc");
 
     let list = peers
-        .list(ListPeersRequest {})
+        .list(ListPeersRequest::default())
         .await
         .unwrap()
         .into_inner()

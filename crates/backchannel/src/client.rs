@@ -305,10 +305,40 @@ impl ClientBuilder {
         let endpoint = self.forward_endpoint(addr)?;
         Ok(ReconnectingClient::start(
             self,
-            Target::Tcp(addr.to_string()),
+            vec![Target::Tcp(addr.to_string())],
             endpoint,
             routes,
         ))
+    }
+
+    /// [`reconnecting_tcp`](Self::reconnecting_tcp) over several servers
+    /// (`host:port` each, at least one): each dial goes to the next one in
+    /// turn, with the backoff between failed attempts; a session the server
+    /// ends with GoAway (a server draining) is followed at once by a dial to
+    /// the next server.
+    ///
+    /// ```no_run
+    /// # async fn run(routes: tonic::service::Routes) -> Result<(), backchannel::Error> {
+    /// let hubs = ["10.0.0.1:7443", "10.0.0.2:7443"];
+    /// let client = backchannel::ClientBuilder::new().reconnecting_tcp_any(&hubs, routes)?;
+    /// client.wait_connected().await;
+    /// # Ok(()) }
+    /// ```
+    pub fn reconnecting_tcp_any(
+        self,
+        addrs: &[impl AsRef<str>],
+        routes: Routes,
+    ) -> Result<ReconnectingClient, Error> {
+        let first = addrs.first().ok_or_else(|| Error::Connect {
+            target: String::new(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "no server address"),
+        })?;
+        let endpoint = self.forward_endpoint(first.as_ref())?;
+        let targets = addrs
+            .iter()
+            .map(|a| Target::Tcp(a.as_ref().to_string()))
+            .collect();
+        Ok(ReconnectingClient::start(self, targets, endpoint, routes))
     }
 
     /// [`reconnecting_tcp`](Self::reconnecting_tcp) over a Unix domain socket.
@@ -326,7 +356,7 @@ impl ClientBuilder {
         let endpoint = self.forward_endpoint("localhost")?;
         Ok(ReconnectingClient::start(
             self,
-            Target::Unix(path.as_ref().to_path_buf()),
+            vec![Target::Unix(path.as_ref().to_path_buf())],
             endpoint,
             routes,
         ))

@@ -297,11 +297,15 @@ pub struct ReconnectingClient {
 impl ReconnectingClient {
     pub(crate) fn start(
         builder: ClientBuilder,
-        target: Target,
+        targets: Vec<Target>,
         endpoint: Endpoint,
         routes: Routes,
     ) -> Self {
         let waiters = builder.waiters.clone();
+        let target = targets
+            .first()
+            .cloned()
+            .unwrap_or_else(|| Target::Tcp(String::new()));
         let (events, _) = broadcast::channel(64);
         let (state, _) = watch::channel(None);
         let shared = Arc::new(Shared {
@@ -314,7 +318,7 @@ impl ReconnectingClient {
         let task = tokio::spawn(
             dial_loop(
                 builder,
-                target.clone(),
+                targets,
                 endpoint.clone(),
                 routes,
                 shared.clone(),
@@ -439,24 +443,33 @@ impl ReconnectingClient {
 
 async fn dial_loop(
     builder: ClientBuilder,
-    target: Target,
+    targets: Vec<Target>,
     endpoint: Endpoint,
     routes: Routes,
     shared: Arc<Shared>,
 ) {
-    let label = target.to_string();
     let mut failures: u32 = 0;
     let mut sessions: u64 = 0;
+    // With several servers: each attempt goes to the next one, and a session
+    // the server ended with GoAway after it had lasted is followed at once
+    // by a dial to another server (the server asked its clients to move).
+    let mut next: usize = 0;
+    let mut moved = false;
     loop {
         if shared.closed.load(Ordering::Acquire) {
             return;
         }
         let delay = builder.backoff.delay(failures);
-        if !delay.is_zero() {
+        if !delay.is_zero() && !std::mem::take(&mut moved) {
             tokio::time::sleep(delay).await;
         }
+        let Some(target) = targets.get(next % targets.len().max(1)) else {
+            return;
+        };
+        next = next.wrapping_add(1);
+        let label = target.to_string();
         let dialled = async {
-            let (io, remote) = client::connect(&target, builder.connect_timeout).await?;
+            let (io, remote) = client::connect(target, builder.connect_timeout).await?;
             let io = client::secure(io, &builder.tls, builder.config.handshake_timeout()).await?;
             let started = client::start_session(
                 io,
@@ -555,6 +568,9 @@ async fn dial_loop(
             Ok(Ok(())) | Err(_) => DisconnectReason::GoAway,
             Ok(Err(e)) => DisconnectReason::Failed(Arc::new(e)),
         };
+        let asked_to_move = targets.len() > 1
+            && matches!(reason, DisconnectReason::GoAway)
+            && since.elapsed() >= MOVE_AFTER;
         drop(guard);
         {
             let mut current = shared.current();
@@ -567,10 +583,18 @@ async fn dial_loop(
             session: sessions,
             reason,
         });
-        if since.elapsed() >= builder.backoff.reset_after {
+        if asked_to_move {
+            moved = true;
+        } else if since.elapsed() >= builder.backoff.reset_after {
             failures = 0;
         } else {
             failures = failures.saturating_add(1);
         }
     }
 }
+
+/// With several servers, a session ended by the server's GoAway after at
+/// least this long is followed by a dial to the next server without
+/// backoff; shorter sessions back off (a server that closes every session
+/// at once must not be dialled in a tight loop).
+const MOVE_AFTER: Duration = Duration::from_secs(1);

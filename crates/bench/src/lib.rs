@@ -15,6 +15,7 @@
 
 pub mod chart;
 pub mod multi;
+pub mod cluster;
 pub mod paths;
 pub mod peers;
 pub mod report;
@@ -171,6 +172,9 @@ enum BenchCommand {
     /// (internal) the caller process of `multi`.
     #[command(hide = true)]
     MultiCall(multi::CallArgs),
+    /// Three clustered hubs on redis-server: same-hub vs cross-hub routed
+    /// calls, and registering many peers over the three.
+    Cluster(cluster::ClusterArgs),
     /// (internal) the client process of `peers`.
     #[command(hide = true)]
     PeersChild {
@@ -252,6 +256,7 @@ pub async fn run(mut a: BenchArgs) -> anyhow::Result<()> {
         Some(BenchCommand::Multi(m)) => return multi::run(&m).await,
         Some(BenchCommand::MultiServe) => return multi::serve().await,
         Some(BenchCommand::MultiCall(c)) => return multi::call(c).await,
+        Some(BenchCommand::Cluster(c)) => return cluster::run(&c).await,
         Some(BenchCommand::PeersChild {
             addr,
             n,

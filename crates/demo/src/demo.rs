@@ -357,7 +357,7 @@ async fn sidecar(s: &mut Steps) -> anyhow::Result<()> {
     }
 
     // 15. The admin API and an unknown name.
-    match PeersClient::new(ch).list(ListPeersRequest {}).await {
+    match PeersClient::new(ch).list(ListPeersRequest::default()).await {
         Ok(r) => {
             let peers = r.into_inner().peers;
             let desc: Vec<String> = peers

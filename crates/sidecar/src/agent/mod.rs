@@ -31,6 +31,10 @@ const STABLE_SESSION: Duration = Duration::from_secs(10);
 pub struct AgentConfig {
     /// The hub: `host:port` (or `tcp://host:port`) or `unix:PATH`.
     pub hub: String,
+    /// Further hubs of the same cluster (`host:port`): the agent dials them
+    /// in turn after `hub`, and moves to the next one when a hub goes away
+    /// or drains.
+    pub also_hubs: Vec<String>,
     /// The name to announce.
     pub name: String,
     /// Labels to announce.
@@ -68,6 +72,7 @@ impl AgentConfig {
     pub fn new(hub: impl Into<String>, name: impl Into<String>, expose: impl Into<String>) -> Self {
         AgentConfig {
             hub: hub.into(),
+            also_hubs: Vec::new(),
             name: name.into(),
             labels: Vec::new(),
             expose: expose.into(),
@@ -128,6 +133,13 @@ impl Agent {
             .hub
             .parse()
             .map_err(|e| anyhow::anyhow!("--hub '{}': {e}", cfg.hub))?;
+        for h in &cfg.also_hubs {
+            match h.parse::<Target>() {
+                Ok(Target::Tcp { .. }) if matches!(hub, Target::Tcp { .. }) => {}
+                Ok(_) => anyhow::bail!("--hub '{h}': several hubs must all be HOST:PORT"),
+                Err(e) => anyhow::bail!("--hub '{h}': {e}"),
+            }
+        }
         let expose_addr: Target = cfg
             .expose
             .parse()
@@ -290,6 +302,16 @@ async fn run_loop(
     let routes = forwarder.proxy.clone().into_routes();
     let client = match &hub {
         Target::Unix(path) => builder.reconnecting_unix(path, routes),
+        Target::Tcp { .. } if !cfg.also_hubs.is_empty() => {
+            let mut all = vec![hub.to_string()];
+            all.extend(
+                cfg.also_hubs
+                    .iter()
+                    .filter_map(|h| h.parse::<Target>().ok())
+                    .map(|t| t.to_string()),
+            );
+            builder.reconnecting_tcp_any(&all, routes)
+        }
         Target::Tcp { .. } => builder.reconnecting_tcp(&hub.to_string(), routes),
     };
     let client = match client {
@@ -525,9 +547,11 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 /// Command-line flags of `backchannel agent`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct AgentArgs {
-    /// The hub: `host:port`, `tcp://host:port` or `unix:PATH`.
-    #[arg(long, value_name = "ADDR", value_parser = crate::hub::flags::hub_addr)]
-    pub hub: String,
+    /// The hub: `host:port`, `tcp://host:port` or `unix:PATH`. Repeat it
+    /// for the hubs of a cluster (`host:port` each): the agent connects to
+    /// one, and moves to the next when that hub goes away or drains.
+    #[arg(long, value_name = "ADDR", required = true, value_parser = crate::hub::flags::hub_addr)]
+    pub hub: Vec<String>,
     /// The name callers use in `backchannel-peer`.
     #[arg(long)]
     pub name: String,
@@ -575,7 +599,9 @@ pub struct AgentArgs {
 impl AgentArgs {
     /// The agent configuration these flags describe.
     pub fn into_config(self) -> anyhow::Result<AgentConfig> {
-        let mut cfg = AgentConfig::new(self.hub, self.name, self.expose);
+        let mut hubs = self.hub.into_iter();
+        let mut cfg = AgentConfig::new(hubs.next().unwrap_or_default(), self.name, self.expose);
+        cfg.also_hubs = hubs.collect();
         cfg.labels = self.labels;
         cfg.tls_ca = self.tls_ca;
         cfg.tls_cert = self.tls_cert;

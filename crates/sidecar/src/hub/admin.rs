@@ -22,6 +22,8 @@ pub struct HubApi {
     pub state: Arc<HubState>,
     /// Who may announce which name.
     pub access: Arc<Access>,
+    /// The cluster this hub belongs to, if any.
+    pub cluster: Option<Arc<crate::hub::cluster::Cluster>>,
 }
 
 impl std::fmt::Debug for HubApi {
@@ -36,11 +38,18 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<PeerEvent, Status>> + Send +
 impl Peers for HubApi {
     async fn list(
         &self,
-        _request: Request<ListPeersRequest>,
+        request: Request<ListPeersRequest>,
     ) -> Result<Response<ListPeersResponse>, Status> {
-        Ok(Response::new(ListPeersResponse {
-            peers: self.state.list(),
-        }))
+        let mut peers = self.state.list();
+        if let Some(c) = &self.cluster {
+            for p in &mut peers {
+                p.hub_id = c.hub_id().to_string();
+            }
+            if !request.get_ref().local_only {
+                peers.extend(c.remote_peers().await?);
+            }
+        }
+        Ok(Response::new(ListPeersResponse { peers }))
     }
 
     type WatchStream = EventStream;
@@ -100,7 +109,8 @@ impl Registration for HubApi {
             return Err(d.status);
         }
         let name = r.name.clone();
-        let done = match self.state.announce(id, r.name, r.labels, &identity) {
+        let labels = r.labels.clone();
+        let mut done = match self.state.announce(id, r.name, r.labels, &identity) {
             Ok(a) => a,
             Err(status) => {
                 if status.code() == tonic::Code::PermissionDenied {
@@ -114,6 +124,23 @@ impl Registration for HubApi {
                 return Err(status);
             }
         };
+        // In a cluster the name is taken cluster-wide: the generation is the
+        // cluster's, and another identity holding it elsewhere wins.
+        if let Some(c) = &self.cluster {
+            match c.claim(id, &name, &labels, &identity).await {
+                Ok(Some(generation)) => done.generation = generation,
+                Ok(None) => {}
+                Err(status) => {
+                    self.state.unname(id);
+                    let d = crate::hub::access::Denial {
+                        status,
+                        reason: "name_owned",
+                    };
+                    audit::refused(metrics, &d, Some(&identity), "announce", &name);
+                    return Err(d.status);
+                }
+            }
+        }
         audit::announced(
             &identity,
             &name,

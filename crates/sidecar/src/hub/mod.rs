@@ -6,7 +6,9 @@ pub mod access;
 pub mod admin;
 pub mod announce_deadline;
 pub mod audit;
+pub mod cluster;
 pub mod drain;
+pub mod fate;
 pub mod flags;
 pub mod flow;
 pub mod identity;
@@ -82,6 +84,8 @@ pub struct HubConfig {
     pub policy: Option<PathBuf>,
     /// Run open (no policy) on a non-loopback address.
     pub allow_anyone: bool,
+    /// Join a cluster of hubs (see [`cluster`]).
+    pub cluster: Option<cluster::ClusterConfig>,
 }
 
 /// Default of [`HubConfig::handshake_timeout`].
@@ -105,6 +109,7 @@ impl Default for HubConfig {
             isolated_callers_per_peer: isolation::DEFAULT_ISOLATED_CALLERS_PER_PEER,
             policy: None,
             allow_anyone: false,
+            cluster: None,
         }
     }
 }
@@ -121,6 +126,7 @@ pub struct Hub {
     state: Arc<HubState>,
     stats: Arc<listenmux::Stats>,
     access: Arc<access::Access>,
+    cluster: Option<Arc<cluster::Cluster>>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
@@ -177,7 +183,8 @@ impl Hub {
         let state = HubState::new(registry.clone(), metrics);
         let events = state.spawn_event_loop();
         state.set_supersede_grace(cfg.grace);
-        let side_tasks = vec![limits::spawn_heap_trimmer(state.clone())];
+        let mut side_tasks = vec![limits::spawn_heap_trimmer(state.clone())];
+
         let isolation = isolation::Isolation::new(cfg.isolated_callers_per_peer);
 
         // An agent's session carries every caller's isolated HTTP/2
@@ -243,6 +250,24 @@ impl Hub {
                 .with_context(|| format!("listening on {}", path.display()))?;
             streams.push(Box::pin(mux.clone().incoming(l)));
         }
+        // Port 0 in --advertise: the port this hub listens on.
+        let cluster = match &cfg.cluster {
+            Some(c) => {
+                let mut c = c.clone();
+                if let (Some(a), Some(host)) =
+                    (addr, c.advertise.strip_suffix(":0").map(str::to_string))
+                {
+                    c.advertise = format!("{host}:{}", a.port());
+                    if c.hub_id == format!("{host}:0") {
+                        c.hub_id = c.advertise.clone();
+                    }
+                }
+                let (cluster, tasks) = cluster::Cluster::start(&c, state.clone())?;
+                side_tasks.extend(tasks);
+                Some(cluster)
+            }
+            None => None,
+        };
         let iso = isolation.clone();
         let incoming = futures::stream::select_all(streams)
             .map(move |c| c.map(|c| isolation::CallerConn::new(c, &iso)));
@@ -296,6 +321,7 @@ impl Hub {
         let api = admin::HubApi {
             state: state.clone(),
             access: access.clone(),
+            cluster: cluster.clone(),
         };
 
         let shutdown = CancellationToken::new();
@@ -318,7 +344,7 @@ impl Hub {
             .initial_connection_window_size(Some(backchannel::H2_CONNECTION_WINDOW))
             // First: tonic's remote_addr()/peer_certs() for every layer below.
             .layer(listenmux::ConnectInfoLayer::new())
-            .layer(routing::RouterLayer::new(state.clone(), access.clone()))
+            .layer(routing::RouterLayer::new(state.clone(), access.clone()).with_cluster(cluster.clone()))
             .add_service(health_svc)
             .add_service(reflection)
             .add_service(reflection_alpha)
@@ -328,6 +354,7 @@ impl Hub {
             .serve_with_incoming_shutdown(incoming, stop_conns.clone().cancelled_owned());
 
         let grace = cfg.grace;
+        let cluster_handle = cluster.clone();
         let unix = cfg.unix.clone();
         let st = state.clone();
         let sd = shutdown.clone();
@@ -343,6 +370,10 @@ impl Hub {
                     // 1. Stop accepting and stop routing new calls.
                     stop_accepting.cancel();
                     st.start_draining();
+                    // Other hubs stop routing here at once.
+                    if let Some(c) = &cluster {
+                        c.release_all().await;
+                    }
                     health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
                     // 2. Let in-flight routed calls finish, within the grace period.
                     if tokio::time::timeout(grace, st.wait_idle()).await.is_err() {
@@ -379,6 +410,7 @@ impl Hub {
             state,
             stats,
             access,
+            cluster: cluster_handle,
             shutdown,
             task,
         })
@@ -407,6 +439,11 @@ impl Hub {
     /// The listener's counters (connections accepted, refused, evicted...).
     pub fn mux_stats(&self) -> listenmux::StatsSnapshot {
         self.stats.snapshot()
+    }
+
+    /// The cluster this hub belongs to, if any.
+    pub fn cluster(&self) -> Option<&Arc<cluster::Cluster>> {
+        self.cluster.as_ref()
     }
 
     /// The core registry (for reverse calls from the hub itself).
@@ -544,6 +581,33 @@ pub struct HubArgs {
     /// the port may call every agent and take any name.
     #[arg(long, conflicts_with = "policy")]
     pub allow_anyone: bool,
+    /// Join a cluster of hubs sharing this Redis (`redis://HOST:PORT[/DB]`):
+    /// callers on any hub reach the agents of every hub.
+    #[arg(long, value_name = "URL", requires = "advertise", value_parser = cluster::redis_url)]
+    pub cluster: Option<String>,
+    /// Where the other hubs of the cluster reach this hub (`HOST:PORT`).
+    #[arg(long, value_name = "HOST:PORT", requires = "cluster", value_parser = flags::host_port)]
+    pub advertise: Option<String>,
+    /// This hub's ID in the cluster (default: the --advertise address).
+    #[arg(long, value_name = "ID", requires = "cluster")]
+    pub hub_id: Option<String>,
+    /// How long a name's cluster entry lives unless refreshed.
+    #[arg(long, value_name = "SECONDS", default_value = "15", value_parser = flags::positive_seconds, allow_hyphen_values = true)]
+    pub cluster_ttl: Duration,
+    /// How often this hub refreshes its names (shorter than --cluster-ttl).
+    #[arg(long, value_name = "SECONDS", default_value = "5", value_parser = flags::positive_seconds, allow_hyphen_values = true)]
+    pub cluster_refresh: Duration,
+    /// A file holding the token the hubs of the cluster present to each
+    /// other on hops (the same file on every hub).
+    #[arg(long, value_name = "FILE", requires = "cluster")]
+    pub cluster_token_file: Option<PathBuf>,
+    /// A client-certificate identity (URI or DNS SAN) of another hub whose
+    /// hops are honoured without a token (repeatable).
+    #[arg(long = "cluster-hub-identity", value_name = "NAME", requires = "cluster")]
+    pub cluster_hub_identities: Vec<String>,
+    /// Key prefix on Redis: hubs with the same one form a cluster.
+    #[arg(long, value_name = "PREFIX", default_value = "backchannel", requires = "cluster")]
+    pub cluster_namespace: String,
 }
 
 impl HubArgs {
@@ -566,6 +630,19 @@ impl HubArgs {
             isolated_callers_per_peer: self.isolated_callers_per_peer,
             policy: self.policy,
             allow_anyone: self.allow_anyone,
+            cluster: self.cluster.map(|redis| {
+                let advertise = self.advertise.unwrap_or_default();
+                let mut c = cluster::ClusterConfig::new(redis, advertise);
+                if let Some(id) = self.hub_id {
+                    c.hub_id = id;
+                }
+                c.ttl = self.cluster_ttl;
+                c.refresh = self.cluster_refresh;
+                c.token_file = self.cluster_token_file;
+                c.hub_identities = self.cluster_hub_identities;
+                c.namespace = self.cluster_namespace;
+                c
+            }),
         }
     }
 }

@@ -7,6 +7,7 @@ use std::{
     task::{Context, Poll},
 };
 
+use backchannel::PeerId;
 use tonic::{body::Body, Status};
 use tower::{Layer, Service, ServiceExt};
 
@@ -19,6 +20,11 @@ use crate::{
     hub::{
         access::Access,
         audit,
+        cluster::{
+            hop::{HOP_HEADER, HOP_TOKEN_HEADER},
+            Cluster,
+        },
+        fate::{respond, Fate},
         identity::AUTHORIZATION,
         isolation::CallerInfo,
         state::{HubState, Unroutable},
@@ -50,6 +56,7 @@ fn needs_admin(path: &str) -> bool {
 pub struct RouterLayer {
     state: Arc<HubState>,
     access: Arc<Access>,
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl std::fmt::Debug for RouterLayer {
@@ -61,7 +68,17 @@ impl std::fmt::Debug for RouterLayer {
 impl RouterLayer {
     /// Routes by the peers in `state`, as `access` allows.
     pub fn new(state: Arc<HubState>, access: Arc<Access>) -> Self {
-        RouterLayer { state, access }
+        RouterLayer {
+            state,
+            access,
+            cluster: None,
+        }
+    }
+
+    /// Also routes to the peers of the other hubs of `cluster`.
+    pub fn with_cluster(mut self, cluster: Option<Arc<Cluster>>) -> Self {
+        self.cluster = cluster;
+        self
     }
 }
 
@@ -72,6 +89,7 @@ impl<S> Layer<S> for RouterLayer {
             inner,
             state: self.state.clone(),
             access: self.access.clone(),
+            cluster: self.cluster.clone(),
         }
     }
 }
@@ -82,6 +100,7 @@ pub struct RouterService<S> {
     inner: S,
     state: Arc<HubState>,
     access: Arc<Access>,
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl<S> std::fmt::Debug for RouterService<S> {
@@ -126,7 +145,7 @@ where
                 if let Some((d, id)) = refusal {
                     let path = req.uri().path();
                     audit::refused(&self.state.metrics, &d, id.as_deref(), path, "");
-                    return Box::pin(async move { Ok(status_response(d.status)) });
+                    return Box::pin(async move { Ok(respond(d.status, Fate::NotSent)) });
                 }
             }
             let inner = self.inner.clone();
@@ -138,7 +157,7 @@ where
         let state = self.state.clone();
         let reject = |status: Status| -> Self::Future {
             state.metrics.call_finished(Some(status.code()));
-            Box::pin(async move { Ok(status_response(status)) })
+            Box::pin(async move { Ok(respond(status, Fate::NotSent)) })
         };
         let Ok(target) = target.to_str() else {
             return reject(Status::invalid_argument(format!(
@@ -151,16 +170,87 @@ where
             )));
         }
         let method = req.uri().path().to_string();
-        let caller = match self.access.identify(info, req.headers()) {
-            Ok(c) => c,
-            Err(d) => {
-                audit::refused(&state.metrics, &d, None, &method, target);
-                return reject(d.status);
+        // A hop from another hub of the cluster: its caller was checked
+        // there; it is routed to this hub's own peers only (never further).
+        let hop = match &self.cluster {
+            Some(c) => c.check_hop(info, req.headers()),
+            None => crate::hub::cluster::refuse_hop_without_cluster(req.headers()).map(Err),
+        };
+        let trusted = hop.is_some();
+        let caller = match hop {
+            Some(Ok(c)) => c,
+            Some(Err(status)) => return reject(status),
+            None => match self.access.identify(info, req.headers()) {
+                Ok(c) => c,
+                Err(d) => {
+                    audit::refused(&state.metrics, &d, None, &method, target);
+                    return reject(d.status);
+                }
+            },
+        };
+        let target = target.to_string();
+        // A name this hub does not hold may be on another hub.
+        if let Some(cluster) = self.cluster.clone().filter(|_| !trusted) {
+            if state.peer_named(&target).is_none() && target.trim().parse::<PeerId>().is_err() {
+                let (this, t, c, m) = (self.clone_parts(), target.clone(), caller.clone(), method.clone());
+                let local = move |req| this.local(req, caller_conn, &t, c, m, deadline, false);
+                return cluster.route(req, target, caller, method, deadline, self.access.clone(), local);
             }
+        }
+        self.clone_parts()
+            .local(req, caller_conn, &target, caller, method, deadline, trusted)
+            .map_ok()
+    }
+}
+
+/// What the local route needs of the router.
+struct Local {
+    state: Arc<HubState>,
+    access: Arc<Access>,
+}
+
+impl<S> RouterService<S> {
+    fn clone_parts(&self) -> Local {
+        Local {
+            state: self.state.clone(),
+            access: self.access.clone(),
+        }
+    }
+}
+
+trait MapOk {
+    fn map_ok(self) -> BoxFuture<Result<http::Response<Body>, Infallible>>;
+}
+
+impl MapOk for BoxFuture<http::Response<Body>> {
+    fn map_ok(self) -> BoxFuture<Result<http::Response<Body>, Infallible>> {
+        Box::pin(async move { Ok(self.await) })
+    }
+}
+
+impl Local {
+    /// Routes to a peer of this hub. `trusted`: a hop from another hub,
+    /// whose caller was authorized there.
+    #[allow(clippy::too_many_arguments)]
+    fn local(
+        self,
+        mut req: http::Request<Body>,
+        caller_conn: Option<CallerInfo>,
+        target: &str,
+        caller: String,
+        method: String,
+        deadline: Option<tokio::time::Instant>,
+        trusted: bool,
+    ) -> BoxFuture<http::Response<Body>> {
+        let state = self.state.clone();
+        let reject = |status: Status| -> BoxFuture<http::Response<Body>> {
+            state.metrics.call_finished(Some(status.code()));
+            Box::pin(async move { respond(status, Fate::NotSent) })
         };
         let access = self.access.clone();
-        let (route, permit) = match state.resolve(target, |peer| {
-            access.authorize_call(&caller, target, peer, &method)
+        let (route, permit) = match state.resolve(target, |peer| match (trusted, peer) {
+            (true, Some(_)) => Ok(None),
+            _ => access.authorize_call(&caller, target, peer, &method),
         }) {
             Ok(r) => r,
             Err(Unroutable::Denied(d)) => {
@@ -177,6 +267,8 @@ where
         let headers = req.headers_mut();
         headers.remove(PEER_HEADER);
         headers.remove(CALLER_HEADER);
+        headers.remove(HOP_HEADER);
+        headers.remove(HOP_TOKEN_HEADER);
         if self.access.enforcing() {
             headers.remove(AUTHORIZATION);
         }
@@ -193,14 +285,8 @@ where
         ));
         let label: Arc<str> = route.label.into();
         match own {
-            Some(up) => {
-                Box::pin(async move { Ok(forward_with(up, req, label, deadline, observer).await) })
-            }
-            None => {
-                Box::pin(
-                    async move { Ok(forward(route.channel, req, label, deadline, observer).await) },
-                )
-            }
+            Some(up) => Box::pin(async move { forward_with(up, req, label, deadline, observer).await }),
+            None => Box::pin(async move { forward(route.channel, req, label, deadline, observer).await }),
         }
     }
 }

@@ -584,6 +584,7 @@ fn to_pb(e: &Entry) -> Peer {
         tunnels_total: c.tunnels.load(Ordering::Relaxed),
         tunnel_bytes_to_peer: c.tunnel_bytes_to_peer.load(Ordering::Relaxed),
         tunnel_bytes_from_peer: c.tunnel_bytes_from_peer.load(Ordering::Relaxed),
+        hub_id: String::new(),
     }
 }
 

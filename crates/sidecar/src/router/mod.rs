@@ -152,25 +152,29 @@ where
         None => Some(call.await),
     };
     let result = result.map(|r| r.map_err(Into::<h2::BoxError>::into));
-    let finish = |status: Status| {
+    use crate::hub::fate::{self, Fate};
+    let finish = |status: Status, fate: Fate| {
         observer.finished(Some(status.code()));
-        status_response(status)
+        fate::respond(status, fate)
     };
     match result {
-        None => finish(Status::deadline_exceeded(format!(
-            "deadline exceeded before {target} answered"
-        ))),
+        None => finish(
+            Status::deadline_exceeded(format!("deadline exceeded before {target} answered")),
+            Fate::Sent,
+        ),
         // The channel enforces grpc-timeout too (as CANCELLED "Timeout
         // expired"); either timer firing means the deadline passed.
-        Some(Err(err)) if is_timeout(&*err) => finish(Status::deadline_exceeded(format!(
-            "deadline exceeded before {target} answered"
-        ))),
-        Some(Err(err)) => finish(Status::unavailable(format!(
-            "{target} is unavailable: {}",
-            error_chain(&*err)
-        ))),
+        Some(Err(err)) if is_timeout(&*err) => finish(
+            Status::deadline_exceeded(format!("deadline exceeded before {target} answered")),
+            Fate::Sent,
+        ),
+        Some(Err(err)) => finish(
+            Status::unavailable(format!("{target} is unavailable: {}", error_chain(&*err))),
+            fate::of_transport_error(&*err),
+        ),
         Some(Ok(resp)) if deadline.is_some() && tonic_timeout(resp.headers()) => finish(
             Status::deadline_exceeded(format!("deadline exceeded before {target} answered")),
+            Fate::Sent,
         ),
         Some(Ok(resp)) => {
             let (parts, body) = resp.into_parts();
@@ -287,6 +291,7 @@ impl ResponseBody {
         self.finish();
         let mut trailers = HeaderMap::new();
         let _ = status.add_header(&mut trailers);
+        crate::hub::fate::Fate::Sent.mark(&mut trailers);
         Poll::Ready(Some(Ok(Frame::trailers(trailers))))
     }
 }
