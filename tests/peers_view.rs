@@ -62,7 +62,11 @@ async fn peers_list_metrics_and_the_peers_command_show_each_sessions_flow() {
     let mut peers = PeersClient::new(channel);
     let start = Instant::now();
     let peer = loop {
-        let list = peers.list(ListPeersRequest {}).await.unwrap().into_inner();
+        let list = peers
+            .list(ListPeersRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
         let p = list
             .peers
             .into_iter()

@@ -153,7 +153,7 @@ async fn one_gib_each_way_through_hub_and_agent() {
         .await
         .unwrap();
     let peers = PeersClient::new(ch)
-        .list(ListPeersRequest {})
+        .list(ListPeersRequest::default())
         .await
         .unwrap()
         .into_inner()

@@ -549,7 +549,11 @@ pub(crate) fn start_session(
     // connections) to the backchannel server.
     if let Some(raw) = raw {
         let _entered = span.enter();
-        crate::inbound::serve(inbound, dispatch, crate::inbound::Fallback::Raw(raw.clone()));
+        crate::inbound::serve(
+            inbound,
+            dispatch,
+            crate::inbound::Fallback::Raw(raw.clone()),
+        );
         drop(_entered);
         return Ok(Started {
             session,

@@ -14,8 +14,8 @@
 //! | `raw-tcp` / `raw-yamux` / `raw-tokio-yamux` | the `copy` workload: bytes through one TCP socket / one backchannel-yamux stream / one tokio-yamux stream |
 
 pub mod chart;
-pub mod multi;
 pub mod cluster;
+pub mod multi;
 pub mod paths;
 pub mod peers;
 pub mod report;

@@ -4,7 +4,7 @@
 //! ```no_run
 //! # async fn run() -> anyhow::Result<()> {
 //! use backchannel_sidecar::peers_cmd::{fetch, render_table};
-//! let peers = fetch(&"127.0.0.1:7000".parse()?, &Default::default()).await?;
+//! let peers = fetch(&"127.0.0.1:7000".parse()?, &Default::default(), false).await?;
 //! print!("{}", render_table(&peers));
 //! # Ok(()) }
 //! ```
@@ -35,6 +35,9 @@ pub struct PeersArgs {
     /// JSON instead of a table (with --watch: one JSON document per line).
     #[arg(long)]
     pub json: bool,
+    /// In a cluster: only the peers this hub holds (default: every hub's).
+    #[arg(long)]
+    pub local: bool,
     #[command(flatten)]
     pub conn: AdminConn,
 }
@@ -64,7 +67,7 @@ pub struct AdminConn {
 pub async fn run(args: PeersArgs) -> anyhow::Result<()> {
     let hub: Target = args.hub.parse()?;
     loop {
-        let peers = fetch(&hub, &args.conn).await?;
+        let peers = fetch(&hub, &args.conn, args.local).await?;
         let out = if args.json {
             let doc = serde_json::Value::Array(peers.iter().map(peer_json).collect());
             if args.watch {
@@ -90,11 +93,12 @@ pub async fn run(args: PeersArgs) -> anyhow::Result<()> {
     }
 }
 
-/// Calls `Peers.List` on `hub`.
-pub async fn fetch(hub: &Target, conn: &AdminConn) -> anyhow::Result<Vec<Peer>> {
+/// Calls `Peers.List` on `hub` (`local_only`: in a cluster, only the
+/// peers that hub holds).
+pub async fn fetch(hub: &Target, conn: &AdminConn, local_only: bool) -> anyhow::Result<Vec<Peer>> {
     let channel = connect(hub, conn).await?;
     let mut client = PeersClient::new(channel);
-    let mut req = tonic::Request::new(ListPeersRequest {});
+    let mut req = tonic::Request::new(ListPeersRequest { local_only });
     if let Some(path) = &conn.token_file {
         crate::agent::token::check_transport(hub, conn.tls_ca.is_some())?;
         let token = crate::agent::token::read(path)?;
@@ -161,6 +165,7 @@ pub fn peer_json(p: &Peer) -> serde_json::Value {
         "name": p.name,
         "generation": p.generation,
         "identity": p.identity,
+        "hub_id": p.hub_id,
         "labels": p.labels,
         "remote_addr": p.remote_addr,
         "connected_since": p.connected_since.map(|t| t.to_string()),
@@ -236,7 +241,18 @@ pub fn render_table(peers: &[Peer]) -> String {
             },
         ]);
     }
-    let widths: Vec<usize> = (0..header.len())
+    // In a cluster: which hub holds each peer.
+    if peers.iter().any(|p| !p.hub_id.is_empty()) {
+        rows[0].push("HUB".into());
+        for (row, p) in rows.iter_mut().skip(1).zip(peers) {
+            row.push(if p.hub_id.is_empty() {
+                "-".into()
+            } else {
+                p.hub_id.clone()
+            });
+        }
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
         .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();

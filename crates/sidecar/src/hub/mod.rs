@@ -344,7 +344,10 @@ impl Hub {
             .initial_connection_window_size(Some(backchannel::H2_CONNECTION_WINDOW))
             // First: tonic's remote_addr()/peer_certs() for every layer below.
             .layer(listenmux::ConnectInfoLayer::new())
-            .layer(routing::RouterLayer::new(state.clone(), access.clone()).with_cluster(cluster.clone()))
+            .layer(
+                routing::RouterLayer::new(state.clone(), access.clone())
+                    .with_cluster(cluster.clone()),
+            )
             .add_service(health_svc)
             .add_service(reflection)
             .add_service(reflection_alpha)
@@ -603,10 +606,19 @@ pub struct HubArgs {
     pub cluster_token_file: Option<PathBuf>,
     /// A client-certificate identity (URI or DNS SAN) of another hub whose
     /// hops are honoured without a token (repeatable).
-    #[arg(long = "cluster-hub-identity", value_name = "NAME", requires = "cluster")]
+    #[arg(
+        long = "cluster-hub-identity",
+        value_name = "NAME",
+        requires = "cluster"
+    )]
     pub cluster_hub_identities: Vec<String>,
     /// Key prefix on Redis: hubs with the same one form a cluster.
-    #[arg(long, value_name = "PREFIX", default_value = "backchannel", requires = "cluster")]
+    #[arg(
+        long,
+        value_name = "PREFIX",
+        default_value = "backchannel",
+        requires = "cluster"
+    )]
     pub cluster_namespace: String,
 }
 

@@ -29,7 +29,7 @@ use crate::{
         isolation::CallerInfo,
         state::{HubState, Unroutable},
     },
-    router::{deadline_of, forward, forward_with, status_response, BoxFuture},
+    router::{deadline_of, forward, forward_with, BoxFuture},
 };
 
 /// The metadata key the hub sets on every routed call to the caller's
@@ -192,9 +192,22 @@ where
         // A name this hub does not hold may be on another hub.
         if let Some(cluster) = self.cluster.clone().filter(|_| !trusted) {
             if state.peer_named(&target).is_none() && target.trim().parse::<PeerId>().is_err() {
-                let (this, t, c, m) = (self.clone_parts(), target.clone(), caller.clone(), method.clone());
+                let (this, t, c, m) = (
+                    self.clone_parts(),
+                    target.clone(),
+                    caller.clone(),
+                    method.clone(),
+                );
                 let local = move |req| this.local(req, caller_conn, &t, c, m, deadline, false);
-                return cluster.route(req, target, caller, method, deadline, self.access.clone(), local);
+                return cluster.route(
+                    req,
+                    target,
+                    caller,
+                    method,
+                    deadline,
+                    self.access.clone(),
+                    local,
+                );
             }
         }
         self.clone_parts()
@@ -285,8 +298,14 @@ impl Local {
         ));
         let label: Arc<str> = route.label.into();
         match own {
-            Some(up) => Box::pin(async move { forward_with(up, req, label, deadline, observer).await }),
-            None => Box::pin(async move { forward(route.channel, req, label, deadline, observer).await }),
+            Some(up) => {
+                Box::pin(async move { forward_with(up, req, label, deadline, observer).await })
+            }
+            None => {
+                Box::pin(
+                    async move { forward(route.channel, req, label, deadline, observer).await },
+                )
+            }
         }
     }
 }

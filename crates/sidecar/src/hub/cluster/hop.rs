@@ -10,12 +10,7 @@
 //! its own peers only (a hop is never routed further, so there are no
 //! loops), and refuses it otherwise: a caller cannot forge a hop.
 
-use std::{
-    collections::HashMap,
-    path::Path,
-    sync::Mutex,
-    time::Duration,
-};
+use std::{collections::HashMap, path::Path, sync::Mutex, time::Duration};
 
 use http::{HeaderMap, HeaderValue};
 use listenmux::ConnInfo;
@@ -119,7 +114,11 @@ impl HopAuth {
     }
 
     /// See [`super::Cluster::check_hop`].
-    pub fn check(&self, info: Option<&ConnInfo>, headers: &HeaderMap) -> Option<Result<String, Status>> {
+    pub fn check(
+        &self,
+        info: Option<&ConnInfo>,
+        headers: &HeaderMap,
+    ) -> Option<Result<String, Status>> {
         headers.get(HOP_HEADER)?;
         let refuse = |why: &str| {
             Some(Err(Status::unauthenticated(format!(
@@ -137,7 +136,8 @@ impl HopAuth {
             _ => false,
         };
         let by_cert = !by_token
-            && conn_cert_name(info).is_some_and(|n| self.identities.iter().any(|i| *i == n.to_string()));
+            && conn_cert_name(info)
+                .is_some_and(|n| self.identities.iter().any(|i| *i == n.to_string()));
         if !by_token && !by_cert {
             return refuse("no valid cluster credential");
         }

@@ -159,7 +159,10 @@ impl Cluster {
     ) -> anyhow::Result<(Arc<Cluster>, Vec<tokio::task::JoinHandle<()>>)> {
         crate::hub::flags::host_port(&cfg.advertise)
             .map_err(|e| anyhow::anyhow!("--advertise: {e}"))?;
-        if cfg.hub_id.is_empty() || cfg.hub_id.len() > 253 || cfg.hub_id.contains(char::is_whitespace) {
+        if cfg.hub_id.is_empty()
+            || cfg.hub_id.len() > 253
+            || cfg.hub_id.contains(char::is_whitespace)
+        {
             anyhow::bail!("--hub-id must be 1 to 253 characters without spaces");
         }
         if cfg.refresh >= cfg.ttl {
@@ -339,7 +342,9 @@ impl Cluster {
             match rx.recv().await {
                 Ok(Event::Claimed(e)) if e.hub_id != self.hub_id => {
                     let stale = self.held().get(&e.name).is_some_and(|h| {
-                        h.entry.as_ref().map_or(true, |mine| mine.generation < e.generation)
+                        h.entry
+                            .as_ref()
+                            .map_or(true, |mine| mine.generation < e.generation)
                     });
                     if stale {
                         self.lost(&e.name.clone(), Some(&e));
@@ -377,7 +382,9 @@ impl Cluster {
                         if let Some(e) = entry {
                             match self.dir.release(&e).await {
                                 Ok(_) => tracing::info!(%name, "name released from the cluster"),
-                                Err(err) => tracing::warn!(%name, error = %err, "cannot release the name; it expires after the TTL"),
+                                Err(err) => {
+                                    tracing::warn!(%name, error = %err, "cannot release the name; it expires after the TTL")
+                                }
                             }
                         }
                     }
@@ -556,8 +563,7 @@ pub fn refuse_hop_without_cluster(headers: &http::HeaderMap) -> Option<Status> {
 
 /// `--cluster`: `redis://HOST:PORT[/DB]` (or `rediss://` for TLS).
 pub fn redis_url(s: &str) -> Result<String, String> {
-    let ok = (s.starts_with("redis://") || s.starts_with("rediss://"))
-        && redis_url_parses(s);
+    let ok = (s.starts_with("redis://") || s.starts_with("rediss://")) && redis_url_parses(s);
     if ok {
         Ok(s.to_string())
     } else {
@@ -569,8 +575,7 @@ fn redis_url_parses(s: &str) -> bool {
     let rest = s.split_once("://").map_or("", |(_, r)| r);
     let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
     let (hostport, db) = rest.split_once('/').unwrap_or((rest, ""));
-    (db.is_empty() || db.parse::<u32>().is_ok())
-        && crate::hub::flags::host_port(hostport).is_ok()
+    (db.is_empty() || db.parse::<u32>().is_ok()) && crate::hub::flags::host_port(hostport).is_ok()
 }
 
 #[cfg(test)]
