@@ -19,6 +19,7 @@ pub mod peers;
 pub mod report;
 pub mod soak;
 pub mod sys;
+pub mod tunnel;
 pub mod workload;
 
 use std::{
@@ -161,6 +162,9 @@ enum BenchCommand {
     /// The hub under churn, floods, fake peers and slow readers for a
     /// while; checks it is back where it started (`soak --duration 20s`).
     Soak(soak::SoakArgs),
+    /// Bytes through a tunnel (library, and hub+agent) against direct TCP
+    /// and a chain of two socat relays.
+    Tunnel(tunnel::TunnelBenchArgs),
     /// (internal) the client process of `peers`.
     #[command(hide = true)]
     PeersChild {
@@ -239,6 +243,7 @@ pub async fn run(mut a: BenchArgs) -> anyhow::Result<()> {
             return Ok(());
         }
         Some(BenchCommand::Soak(s)) => return soak::run(&s).await,
+        Some(BenchCommand::Tunnel(t)) => return tunnel::run(&t).await,
         Some(BenchCommand::PeersChild {
             addr,
             n,
