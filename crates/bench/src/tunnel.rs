@@ -173,11 +173,8 @@ pub async fn run(a: &TunnelBenchArgs) -> anyhow::Result<()> {
     let srv_addr = l.local_addr()?.to_string();
     let incoming = listenmux::ListenMux::builder()
         .handshaker(
-            backchannel::ServerHandshaker::new(
-                registry.clone(),
-                server_config,
-            )
-            .tunnels(sink_tunnels),
+            backchannel::ServerHandshaker::new(registry.clone(), server_config)
+                .tunnels(sink_tunnels),
         )
         .build()
         .incoming(l);
