@@ -13,12 +13,17 @@ if ! python3 -c 'import grpc' 2>/dev/null; then
   python3 -m pip install --quiet --disable-pip-version-check grpcio
 fi
 
-# A real Redis for the cluster tests (tests/cluster.rs starts its own
-# redis-server on a free loopback port).
-if ! command -v redis-server >/dev/null 2>&1; then
-  sudo=""; [ "$(id -u)" -ne 0 ] && sudo=sudo
+# Debian packages the tests use: a real Redis for the cluster tests
+# (tests/cluster.rs starts its own redis-server on a free loopback port),
+# a real OpenSSH client and server, and socat, for the tunnel tests.
+missing=()
+for p in redis-server openssh-client openssh-server socat; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server >/dev/null
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 # Release build: the suite moves hundreds of MiB through yamux.

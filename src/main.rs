@@ -55,7 +55,15 @@ async fn main() -> anyhow::Result<()> {
         Command::Demo => backchannel_demo::run().await,
         Command::Hub(args) => hub::run(args.into_config()).await,
         Command::Peers(args) => peers_cmd::run(args).await,
-        Command::Tunnel(args) => backchannel_sidecar::tunnel::cli::run(args).await,
+        // Exit at once when the tunnel ends: a blocking read of stdin (an
+        // ssh ProxyCommand's stdin stays open) must not hold the process.
+        Command::Tunnel(args) => match backchannel_sidecar::tunnel::cli::run(args).await {
+            Ok(()) => std::process::exit(0),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                std::process::exit(1);
+            }
+        },
         Command::Agent(args) => match args.into_config() {
             Ok(cfg) => agent::run(cfg).await,
             // A bad flag value: like clap's own usage errors, exit 2.

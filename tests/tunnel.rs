@@ -374,3 +374,158 @@ async fn the_binary_with_stdio_relays_and_exits_when_the_far_side_ends() {
     s.agent.unwrap().stop().await;
     s.hub.shutdown().await;
 }
+
+/// A real OpenSSH client and sshd (loopback only, a throwaway host key and
+/// user key made here) with `backchannel tunnel --stdio` as the
+/// ProxyCommand, running a remote command. Skipped, saying why, where the
+/// OpenSSH binaries are missing or sshd cannot run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openssh_through_the_tunnel_as_proxy_command() {
+    let sshd = Path::new("/usr/sbin/sshd");
+    let have = |bin: &str| {
+        std::process::Command::new(bin)
+            .arg("-V")
+            .stderr(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .status()
+            .is_ok()
+    };
+    if !sshd.exists() || !have("ssh") || !have("ssh-keygen") {
+        eprintln!("SKIPPED: OpenSSH (ssh, ssh-keygen, /usr/sbin/sshd) is not installed; scripts/test.sh installs it");
+        return;
+    }
+    // sshd's privilege separation directory.
+    if std::fs::create_dir_all("/run/sshd").is_err() {
+        eprintln!("SKIPPED: /run/sshd cannot be created, sshd cannot run here");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for key in ["host_key", "user_key"] {
+        let st = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(d.join(key))
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    std::fs::copy(d.join("user_key.pub"), d.join("authorized_keys")).unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let config = format!(
+        "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nPidFile {}\n\
+         PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n\
+         PermitRootLogin prohibit-password\n",
+        d.join("host_key").display(),
+        d.join("authorized_keys").display(),
+        d.join("sshd.pid").display(),
+    );
+    std::fs::write(d.join("sshd_config"), config).unwrap();
+    let mut server = tokio::process::Command::new(sshd)
+        .args(["-D", "-e", "-f"])
+        .arg(d.join("sshd_config"))
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // sshd says when it listens.
+    let mut lines = tokio::io::BufReader::new(server.stderr.take().unwrap());
+    let listening = tokio::time::timeout(T, async {
+        use tokio::io::AsyncBufReadExt;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if lines.read_line(&mut line).await.unwrap_or(0) == 0 {
+                return Err(line.clone());
+            }
+            if line.contains("Server listening") {
+                return Ok(());
+            }
+            eprintln!("sshd: {}", line.trim_end());
+        }
+    })
+    .await
+    .expect("sshd starts");
+    if let Err(last) = listening {
+        eprintln!("SKIPPED: sshd cannot run here: {last}");
+        return;
+    }
+    tokio::spawn(async move {
+        use tokio::io::AsyncBufReadExt;
+        let mut line = String::new();
+        while lines.read_line(&mut line).await.unwrap_or(0) > 0 {
+            eprintln!("sshd: {}", line.trim_end());
+            line.clear();
+        }
+    });
+
+    let (echo, _t) = echo_service().await;
+    let hub = Hub::start(HubConfig::default()).await.unwrap();
+    let hub_addr = hub.addr.unwrap().to_string();
+    let mut acfg = AgentConfig::new(hub_addr.clone(), "box", "127.0.0.1:1");
+    acfg.expose_tcp = vec![
+        ("ssh".into(), format!("127.0.0.1:{port}")),
+        ("echo".into(), echo),
+    ];
+    let agent = Agent::start(acfg).unwrap();
+    hub.wait_for_name("box", T).await.unwrap();
+
+    let host_pub = std::fs::read_to_string(d.join("host_key.pub")).unwrap();
+    let mut parts = host_pub.split_whitespace();
+    let known = format!("box {} {}\n", parts.next().unwrap(), parts.next().unwrap());
+    std::fs::write(d.join("known_hosts"), known).unwrap();
+    let user = String::from_utf8(
+        std::process::Command::new("id")
+            .arg("-un")
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+    .trim()
+    .to_string();
+    let proxy = format!(
+        "{} tunnel --hub {hub_addr} --peer box --service ssh --stdio",
+        env!("CARGO_BIN_EXE_backchannel")
+    );
+    let out = tokio::time::timeout(
+        T,
+        tokio::process::Command::new("ssh")
+            .args([
+                "-F",
+                "/dev/null",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "StrictHostKeyChecking=yes",
+            ])
+            .arg("-o")
+            .arg(format!(
+                "UserKnownHostsFile={}",
+                d.join("known_hosts").display()
+            ))
+            .arg("-o")
+            .arg(format!("ProxyCommand={proxy}"))
+            .arg("-i")
+            .arg(d.join("user_key"))
+            .arg(format!("{user}@box"))
+            .arg("echo through-the-tunnel; head -c 1000000 /dev/zero | wc -c")
+            .stdin(std::process::Stdio::null())
+            .output(),
+    )
+    .await
+    .expect("ssh finishes")
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "ssh failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout, "through-the-tunnel\n1000000\n");
+    agent.stop().await;
+    hub.shutdown().await;
+    let _ = server.kill().await;
+}

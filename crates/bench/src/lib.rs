@@ -21,6 +21,7 @@ pub mod peers;
 pub mod report;
 pub mod soak;
 pub mod sys;
+pub mod tunnel;
 pub mod workload;
 
 use std::{
@@ -175,6 +176,9 @@ enum BenchCommand {
     /// Three clustered hubs on redis-server: same-hub vs cross-hub routed
     /// calls, and registering many peers over the three.
     Cluster(cluster::ClusterArgs),
+    /// Bytes through a tunnel (library, and hub+agent) against direct TCP
+    /// and a chain of two socat relays.
+    Tunnel(tunnel::TunnelBenchArgs),
     /// (internal) the client process of `peers`.
     #[command(hide = true)]
     PeersChild {
@@ -257,6 +261,7 @@ pub async fn run(mut a: BenchArgs) -> anyhow::Result<()> {
         Some(BenchCommand::MultiServe) => return multi::serve().await,
         Some(BenchCommand::MultiCall(c)) => return multi::call(c).await,
         Some(BenchCommand::Cluster(c)) => return cluster::run(&c).await,
+        Some(BenchCommand::Tunnel(t)) => return tunnel::run(&t).await,
         Some(BenchCommand::PeersChild {
             addr,
             n,

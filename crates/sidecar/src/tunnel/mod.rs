@@ -41,6 +41,9 @@ where
             return Ok(total);
         }
         w.write_all(&buf[..n]).await?;
+        // Stdout is line-buffered: a tunnel's bytes must not wait for a
+        // newline (sockets and streams flush at no cost).
+        w.flush().await?;
         total += n as u64;
         for c in counter {
             c.fetch_add(n as u64, Ordering::Relaxed);
