@@ -7,7 +7,9 @@
 //!
 //! What stays from the proxying agent ([`PerConnection`]):
 //! - the one connection to the service per hub connection (caller
-//!   isolation): a splice is exactly that;
+//!   isolation): a splice is exactly that, up to
+//!   [`MAX_CONNECTIONS`](crate::agent::isolate::MAX_CONNECTIONS) at once;
+//!   further hub connections are proxied over the common connection;
 //! - calls in flight, for drain and [`Agent::calls_in_flight`](super::Agent::calls_in_flight):
 //!   the splice reads the HTTP/2 frame headers going by (never the
 //!   payloads) and counts a call from the hub's HEADERS on a new stream to
@@ -127,6 +129,11 @@ impl Splicer {
     async fn serve(&self, stream: YamuxStream) {
         let id = stream.id();
         let stream = AuthorityFix::new(stream);
+        // As many service connections as the proxying agent keeps at most;
+        // beyond, connections share the proxy's common one.
+        if self.connections() >= crate::agent::isolate::MAX_CONNECTIONS {
+            return self.fall_back(stream, "too many spliced connections").await;
+        }
         let service = match tokio::time::timeout(CONNECT_TIMEOUT, connect(&self.inner.target)).await
         {
             Ok(Ok(s)) => s,
