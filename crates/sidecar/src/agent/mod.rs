@@ -17,8 +17,8 @@ use crate::{
 
 pub mod drain;
 pub mod isolate;
-pub mod probe;
 pub mod splice;
+pub mod probe;
 mod token;
 
 use isolate::PerConnection;
