@@ -598,10 +598,7 @@ pub async fn run(a: &MultiArgs) -> anyhow::Result<()> {
 
 fn print_results(a: &MultiArgs, results: &[(Job, String, Vec<Sample>)]) {
     if !a.json {
-        println!(
-            "| workload | path | p50 | p99 | throughput | CPU ({}) |",
-            "per call us, or per GB s"
-        );
+        println!("| workload | path | p50 | p99 | throughput | CPU (per call us, or per GB s) |");
         println!("|---|---|---|---|---|---|");
     }
     for (job, path, samples) in results {

@@ -17,8 +17,8 @@ use crate::{
 
 pub mod drain;
 pub mod isolate;
-pub mod splice;
 pub mod probe;
+pub mod splice;
 mod token;
 
 use isolate::PerConnection;

@@ -328,22 +328,12 @@ fn on_frame(inner: &Inner, calls: &Mutex<ConnCalls>, dir: Dir, typ: u8, flags: u
 }
 
 /// Finds HTTP/2 frame boundaries in a byte stream, by their 9-byte headers.
+#[derive(Default)]
 struct Frames {
     preface: usize,
     header: [u8; 9],
     have: usize,
     payload_left: usize,
-}
-
-impl Default for Frames {
-    fn default() -> Self {
-        Frames {
-            preface: 0,
-            header: [0; 9],
-            have: 0,
-            payload_left: 0,
-        }
-    }
 }
 
 impl Frames {
