@@ -408,16 +408,17 @@ mod tests {
 
     #[test]
     fn a_call_counts_from_headers_to_the_end_of_the_response() {
-        let fallback = PerConnection::new(
-            || anyhow::bail!("unused"),
-            tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy(),
-            "t",
-        );
+        // A lazy channel needs a runtime to be made in.
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         let _g = rt.enter();
+        let fallback = PerConnection::new(
+            || anyhow::bail!("unused"),
+            tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy(),
+            "t",
+        );
         let s = Splicer::new("127.0.0.1:1".parse().unwrap(), fallback);
         let calls = Mutex::new(ConnCalls::default());
         let f = |d, t, fl, sid| on_frame(&s.inner, &calls, d, t, fl, sid);
