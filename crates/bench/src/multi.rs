@@ -556,6 +556,7 @@ pub async fn run(a: &MultiArgs) -> anyhow::Result<()> {
         }
     }
     let mut results: Vec<(Job, String, Vec<Sample>)> = Vec::new();
+    let mut failed = 0usize;
     for job in jobs(a) {
         let mut by_path: Vec<Vec<Sample>> = vec![Vec::new(); setups.len()];
         for round in 0..a.rounds.max(1) {
@@ -573,7 +574,10 @@ pub async fn run(a: &MultiArgs) -> anyhow::Result<()> {
                 );
                 match run_job(&exe, p, &svc, &job).await {
                     Ok(s) => by_path[i].push(s),
-                    Err(e) => eprintln!("{} {} {}: FAILED: {e:#}", job.workload, job.case, p.name),
+                    Err(e) => {
+                        failed += 1;
+                        eprintln!("{} {} {}: FAILED: {e:#}", job.workload, job.case, p.name)
+                    }
                 }
             }
         }
@@ -593,15 +597,15 @@ pub async fn run(a: &MultiArgs) -> anyhow::Result<()> {
         }
     }
     drop(svc);
+    if failed > 0 {
+        bail!("{failed} run(s) failed");
+    }
     Ok(())
 }
 
 fn print_results(a: &MultiArgs, results: &[(Job, String, Vec<Sample>)]) {
     if !a.json {
-        println!(
-            "| workload | path | p50 | p99 | throughput | CPU ({}) |",
-            "per call us, or per GB s"
-        );
+        println!("| workload | path | p50 | p99 | throughput | CPU (per call us, or per GB s) |");
         println!("|---|---|---|---|---|---|");
     }
     for (job, path, samples) in results {

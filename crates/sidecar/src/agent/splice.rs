@@ -7,7 +7,9 @@
 //!
 //! What stays from the proxying agent ([`PerConnection`]):
 //! - the one connection to the service per hub connection (caller
-//!   isolation): a splice is exactly that;
+//!   isolation): a splice is exactly that, up to
+//!   [`MAX_CONNECTIONS`](crate::agent::isolate::MAX_CONNECTIONS) at once;
+//!   further hub connections are proxied over the common connection;
 //! - calls in flight, for drain and [`Agent::calls_in_flight`](super::Agent::calls_in_flight):
 //!   the splice reads the HTTP/2 frame headers going by (never the
 //!   payloads) and counts a call from the hub's HEADERS on a new stream to
@@ -127,6 +129,11 @@ impl Splicer {
     async fn serve(&self, stream: InboundStream) {
         let id = stream.id();
         let stream = AuthorityFix::new(stream);
+        // As many service connections as the proxying agent keeps at most;
+        // beyond, connections share the proxy's common one.
+        if self.connections() >= crate::agent::isolate::MAX_CONNECTIONS {
+            return self.fall_back(stream, "too many spliced connections").await;
+        }
         let service = match tokio::time::timeout(CONNECT_TIMEOUT, connect(&self.inner.target)).await
         {
             Ok(Ok(s)) => s,
@@ -321,22 +328,12 @@ fn on_frame(inner: &Inner, calls: &Mutex<ConnCalls>, dir: Dir, typ: u8, flags: u
 }
 
 /// Finds HTTP/2 frame boundaries in a byte stream, by their 9-byte headers.
+#[derive(Default)]
 struct Frames {
     preface: usize,
     header: [u8; 9],
     have: usize,
     payload_left: usize,
-}
-
-impl Default for Frames {
-    fn default() -> Self {
-        Frames {
-            preface: 0,
-            header: [0; 9],
-            have: 0,
-            payload_left: 0,
-        }
-    }
 }
 
 impl Frames {
@@ -411,16 +408,17 @@ mod tests {
 
     #[test]
     fn a_call_counts_from_headers_to_the_end_of_the_response() {
-        let fallback = PerConnection::new(
-            || anyhow::bail!("unused"),
-            tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy(),
-            "t",
-        );
+        // A lazy channel needs a runtime to be made in.
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         let _g = rt.enter();
+        let fallback = PerConnection::new(
+            || anyhow::bail!("unused"),
+            tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy(),
+            "t",
+        );
         let s = Splicer::new("127.0.0.1:1".parse().unwrap(), fallback);
         let calls = Mutex::new(ConnCalls::default());
         let f = |d, t, fl, sid| on_frame(&s.inner, &calls, d, t, fl, sid);
