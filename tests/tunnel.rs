@@ -77,6 +77,24 @@ async fn half_close_service() -> (String, tokio::task::JoinHandle<()>) {
     (addr, task)
 }
 
+/// A service that sends 1 MiB of stream 6, then resets its connection.
+async fn reset_service() -> (String, tokio::task::JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let task = tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = l.accept().await {
+            tokio::spawn(async move {
+                send_stream(&mut tcp, 6, MIB).await;
+                // A zero linger: dropping the socket sends RST.
+                #[allow(deprecated)]
+                tcp.set_linger(Some(Duration::ZERO)).unwrap();
+                drop(tcp);
+            });
+        }
+    });
+    (addr, task)
+}
+
 fn args(hub: &str, peer: &str, service: &str) -> TunnelArgs {
     TunnelArgs {
         hub: hub.into(),
@@ -104,6 +122,7 @@ struct Setup {
 async fn setup(policy: Option<&Path>, agent_token: Option<&Path>) -> Setup {
     let (echo, t1) = echo_service().await;
     let (half, t2) = half_close_service().await;
+    let (rst, t3) = reset_service().await;
     // A port nothing listens on.
     let dead_port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -119,6 +138,7 @@ async fn setup(policy: Option<&Path>, agent_token: Option<&Path>) -> Setup {
     acfg.expose_tcp = vec![
         ("echo".into(), echo),
         ("half".into(), half),
+        ("rst".into(), rst),
         ("dead".into(), dead_port.clone()),
     ];
     acfg.token_file = agent_token.map(Path::to_path_buf);
@@ -130,7 +150,7 @@ async fn setup(policy: Option<&Path>, agent_token: Option<&Path>) -> Setup {
         hub,
         agent: Some(agent),
         hub_addr,
-        _services: vec![t1, t2],
+        _services: vec![t1, t2, t3],
         dead_port,
     }
 }
@@ -235,6 +255,25 @@ async fn agent_killed_mid_tunnel_is_an_error_for_the_caller() {
         .unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionAborted, "{e}");
     assert!(e.to_string().contains("peer 'box'"), "{e}");
+    s.hub.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_that_resets_is_an_error_for_the_caller_not_an_end() {
+    let s = setup(None, None).await;
+    let dialer = Dialer::new(&args(&s.hub_addr, "box", "rst")).unwrap();
+    let (mut r, _w) = dialer.open().await.unwrap();
+    // The reset may discard some of what the service sent (the kernel
+    // drops unread data on RST): whatever arrives is a correct prefix, and
+    // then an error, never a clean end.
+    let mut got = Vec::new();
+    let e = tokio::time::timeout(Duration::from_secs(10), r.read_to_end(&mut got))
+        .await
+        .expect("the caller's side ends promptly")
+        .expect_err("a reset service connection read as a clean end");
+    assert!(got.len() as u64 <= MIB);
+    check_stream(6, 0, &got);
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionAborted, "{e}");
     s.hub.shutdown().await;
 }
 

@@ -364,6 +364,21 @@ impl<S> fmt::Debug for Tunnel<S> {
     }
 }
 
+impl Tunnel<YamuxStream> {
+    /// Resets the tunnel (its yamux stream): the other side's reads and
+    /// writes fail instead of seeing a clean end. For a relay whose other
+    /// half broke: a plain close would pass a truncated stream off as
+    /// complete.
+    pub fn reset(&self) {
+        self.io.reset();
+    }
+
+    /// A handle that resets the tunnel later, after it was split.
+    pub fn reset_handle(&self) -> backchannel_yamux::ResetHandle {
+        self.io.reset_handle()
+    }
+}
+
 impl<S> Tunnel<S> {
     /// The service name.
     pub fn service(&self) -> &str {

@@ -134,6 +134,10 @@ pub enum ResetReason {
     /// Its data did not fit the session's receive buffer budget.
     #[error("receive buffer budget exhausted")]
     BufferBudget,
+    /// Our side called [`Stream::reset`](crate::Stream::reset) (its work
+    /// failed: the peer must not take the end for a clean one).
+    #[error("reset by this side")]
+    Requested,
 }
 
 impl StreamError {

@@ -102,4 +102,4 @@ pub use error::{
 };
 pub use session::Stats;
 pub use session::{session, Control, Incoming};
-pub use stream::Stream;
+pub use stream::{ResetHandle, Stream};

@@ -57,6 +57,41 @@ impl Stream {
         self.id
     }
 
+    /// Resets the stream: RST goes to the peer (its reads and writes fail,
+    /// never a clean EOF), and ours fail with
+    /// [`ResetReason::Requested`](crate::ResetReason::Requested). For a
+    /// stream whose work failed (a relay whose other side broke): a FIN
+    /// would tell the peer the data is complete. Does nothing once the
+    /// stream is reset or the session has ended.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use tokio::io::AsyncReadExt;
+    /// let (a, b) = tokio::io::duplex(64 * 1024);
+    /// let (client, _ci, cc) = backchannel_yamux::session(a, Default::default(), backchannel_yamux::Mode::Client);
+    /// let (_server, mut si, sc) = backchannel_yamux::session(b, Default::default(), backchannel_yamux::Mode::Server);
+    /// tokio::spawn(cc);
+    /// tokio::spawn(sc);
+    /// let out = client.open_stream().unwrap();
+    /// out.reset();
+    /// let mut inc = si.accept().await.unwrap();
+    /// assert!(inc.read(&mut [0u8; 8]).await.is_err()); // not Ok(0)
+    /// # }
+    /// ```
+    pub fn reset(&self) {
+        self.reset_handle().reset()
+    }
+
+    /// A handle that resets this stream later, from anywhere (after the
+    /// stream was split into halves, say). It does not keep the stream or
+    /// the session open.
+    pub fn reset_handle(&self) -> ResetHandle {
+        ResetHandle {
+            shared: self.shared.clone(),
+            id: self.id,
+        }
+    }
+
     fn write_bufs(&self, cx: &mut Context<'_>, bufs: &[IoSlice<'_>]) -> Poll<io::Result<usize>> {
         let total: usize = bufs.iter().map(|b| b.len()).sum();
         if total == 0 {
@@ -132,6 +167,42 @@ impl Stream {
             w.wake();
         }
         Poll::Ready(Ok(n))
+    }
+}
+
+/// Resets one stream from anywhere: see [`Stream::reset_handle`].
+#[derive(Clone)]
+pub struct ResetHandle {
+    shared: Arc<Shared>,
+    id: StreamId,
+}
+
+impl std::fmt::Debug for ResetHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResetHandle").field("id", &self.id).finish()
+    }
+}
+
+impl ResetHandle {
+    /// See [`Stream::reset`].
+    pub fn reset(&self) {
+        let id = self.id;
+        let mut wake = Vec::new();
+        self.shared.update(|inner| {
+            if inner.dead() {
+                return;
+            }
+            if inner.streams.get(&id).is_some_and(|st| st.reset.is_none()) {
+                inner.reset_stream(
+                    id,
+                    StreamError::ResetLocally(crate::ResetReason::Requested),
+                    &mut wake,
+                );
+            }
+        });
+        for w in wake {
+            w.wake();
+        }
     }
 }
 

@@ -72,6 +72,7 @@ async fn serve(incoming: IncomingTunnel, addr: String) {
     let Ok(tunnel) = incoming.accept().await else {
         return;
     };
+    let reset = tunnel.reset_handle();
     let (mut tr, mut tw) = tokio::io::split(tunnel);
     let (mut sr, mut sw) = tcp.into_split();
     let up = super::pump(&mut tr, &mut sw, &[]);
@@ -81,6 +82,9 @@ async fn serve(incoming: IncomingTunnel, addr: String) {
         Ok((a, b)) => debug!(to_service = a, from_service = b, "tunnel ended"),
         Err(e) => {
             debug!(error = %e, "tunnel failed");
+            // Reset the tunnel: the caller must not take a failed service
+            // connection for a clean end.
+            reset.reset();
             // Reset the service's connection: it must not take a failed
             // tunnel for a clean end.
             if let Ok(tcp) = sr.reunite(sw) {

@@ -283,10 +283,15 @@ async fn route(
             let (cr, cw) = tokio::io::split(caller.into_inner());
             let mut cr = FrameReader::new(cr);
             let mut cw = FrameWriter::new(cw);
+            let reset = upstream.reset_handle();
             let (mut tr, mut tw) = tokio::io::split(upstream);
             let up = async {
                 let n = pump_counted(&mut cr, &mut tw, &counters.tunnel_bytes_to_peer, &to).await;
-                n.map_err(|e| format!("the caller's side failed: {e}"))
+                n.map_err(|e| {
+                    // The agent's service must not see a clean end.
+                    reset.reset();
+                    format!("the caller's side failed: {e}")
+                })
             };
             let down = async {
                 match pump_counted(&mut tr, &mut cw, &counters.tunnel_bytes_from_peer, &from).await
