@@ -26,7 +26,9 @@ use backchannel_sidecar::{
 };
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
-use tonic::{metadata::MetadataValue, transport::Channel, Code, Request, Response, Status, Streaming};
+use tonic::{
+    metadata::MetadataValue, transport::Channel, Code, Request, Response, Status, Streaming,
+};
 
 const T: Duration = Duration::from_secs(20);
 const TOKEN: &str = "cluster-test-token-0123456789";
@@ -145,8 +147,16 @@ impl Echo for Private {
             std::mem::forget(guard);
         }
         let mut resp = Response::new(self.reply(msg));
-        for k in ["backchannel-caller", "backchannel-hop", "backchannel-hop-token", "x-req"] {
-            let v = md.get(k).cloned().unwrap_or(MetadataValue::from_static("-"));
+        for k in [
+            "backchannel-caller",
+            "backchannel-hop",
+            "backchannel-hop-token",
+            "x-req",
+        ] {
+            let v = md
+                .get(k)
+                .cloned()
+                .unwrap_or(MetadataValue::from_static("-"));
             resp.metadata_mut().insert(
                 tonic::metadata::MetadataKey::from_bytes(format!("x-saw-{k}").as_bytes()).unwrap(),
                 v,
@@ -173,10 +183,8 @@ impl Echo for Private {
             return Ok(Response::new(Box::pin(first.chain(rest))));
         }
         if r.message == "fail" {
-            let s = futures::stream::iter([
-                Ok(this.reply("a".into())),
-                Err(Status::aborted("boom")),
-            ]);
+            let s =
+                futures::stream::iter([Ok(this.reply("a".into())), Err(Status::aborted("boom"))]);
             return Ok(Response::new(Box::pin(s)));
         }
         let s = futures::stream::iter(0..r.count)
@@ -244,11 +252,7 @@ async fn private_service(name: &str) -> PrivateService {
             .await
             .unwrap();
     });
-    PrivateService {
-        addr,
-        events,
-        task,
-    }
+    PrivateService { addr, events, task }
 }
 
 // ---------------------------------------------------------------- hubs and callers
@@ -259,7 +263,12 @@ fn token_file() -> tempfile::NamedTempFile {
     f
 }
 
-fn cluster_cfg(redis: &Redis, id: &str, token: &tempfile::NamedTempFile, ns: &str) -> ClusterConfig {
+fn cluster_cfg(
+    redis: &Redis,
+    id: &str,
+    token: &tempfile::NamedTempFile,
+    ns: &str,
+) -> ClusterConfig {
     let mut c = ClusterConfig::new(redis.url(), "127.0.0.1:0");
     c.hub_id = id.into();
     c.namespace = ns.into();
@@ -306,7 +315,10 @@ async fn until_reachable(ch: &Channel, peer: &str) -> Duration {
         if r.is_ok() {
             return start.elapsed();
         }
-        assert!(start.elapsed() < T, "'{peer}' never became reachable: {r:?}");
+        assert!(
+            start.elapsed() < T,
+            "'{peer}' never became reachable: {r:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -362,8 +374,14 @@ async fn three_hubs_every_caller_reaches_every_agent() {
             assert_eq!(r.get_ref().server, format!("svc{i}"));
             assert_eq!(r.metadata().get("x-saw-x-req").unwrap(), "v1");
             assert_eq!(r.metadata().get("x-saw-backchannel-hop").unwrap(), "-");
-            assert_eq!(r.metadata().get("x-saw-backchannel-hop-token").unwrap(), "-");
-            assert_eq!(r.metadata().get("x-saw-backchannel-caller").unwrap(), "anonymous");
+            assert_eq!(
+                r.metadata().get("x-saw-backchannel-hop-token").unwrap(),
+                "-"
+            );
+            assert_eq!(
+                r.metadata().get("x-saw-backchannel-caller").unwrap(),
+                "anonymous"
+            );
             // Server streaming, and a failing stream's status.
             let got: Vec<String> = c
                 .server_stream(to(&name, "s"))
@@ -374,16 +392,20 @@ async fn three_hubs_every_caller_reaches_every_agent() {
                 .collect()
                 .await;
             assert_eq!(got, ["s-0", "s-1", "s-2"]);
-            let mut s = c.server_stream(to(&name, "fail")).await.unwrap().into_inner();
+            let mut s = c
+                .server_stream(to(&name, "fail"))
+                .await
+                .unwrap()
+                .into_inner();
             assert_eq!(s.message().await.unwrap().unwrap().message, "a");
             assert_eq!(s.message().await.unwrap_err().code(), Code::Aborted);
             // Client streaming.
-            let mut req = Request::new(futures::stream::iter(
-                ["x", "y", "z"].map(|m| EchoRequest {
+            let mut req = Request::new(futures::stream::iter(["x", "y", "z"].map(|m| {
+                EchoRequest {
                     message: m.into(),
                     count: 0,
-                }),
-            ));
+                }
+            })));
             req.metadata_mut()
                 .insert("backchannel-peer", name.parse().unwrap());
             assert_eq!(c.client_stream(req).await.unwrap().get_ref().message, "xyz");
@@ -415,12 +437,20 @@ async fn three_hubs_every_caller_reaches_every_agent() {
     let err = c.unary(req).await.unwrap_err();
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
     assert!(start.elapsed() < Duration::from_secs(2));
-    let ev = tokio::time::timeout(T, svcs[2].events.recv()).await.unwrap();
+    let ev = tokio::time::timeout(T, svcs[2].events.recv())
+        .await
+        .unwrap();
     assert_eq!(ev.as_deref(), Some("unary dropped"));
-    let mut s = c.server_stream(to("agent2", "hang")).await.unwrap().into_inner();
+    let mut s = c
+        .server_stream(to("agent2", "hang"))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(s.message().await.unwrap().unwrap().message, "first");
     drop(s);
-    let ev = tokio::time::timeout(T, svcs[2].events.recv()).await.unwrap();
+    let ev = tokio::time::timeout(T, svcs[2].events.recv())
+        .await
+        .unwrap();
     assert_eq!(ev.as_deref(), Some("stream cancelled"));
     // An unknown name: NOT_FOUND, not sent.
     let err = c.unary(to("nobody", "x")).await.unwrap_err();
@@ -428,7 +458,12 @@ async fn three_hubs_every_caller_reaches_every_agent() {
     assert_eq!(fate(&err), "not-sent");
     // Peers.List shows the whole cluster, or this hub only.
     let mut pc = PeersClient::new(ch.clone());
-    let all = pc.list(ListPeersRequest::default()).await.unwrap().into_inner().peers;
+    let all = pc
+        .list(ListPeersRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .peers;
     let mut seen: Vec<(String, String)> = all
         .iter()
         .filter(|p| !p.name.is_empty())
@@ -437,7 +472,8 @@ async fn three_hubs_every_caller_reaches_every_agent() {
     seen.sort();
     assert_eq!(
         seen,
-        [("agent0", "a"), ("agent1", "b"), ("agent2", "c")].map(|(n, h)| (n.to_string(), h.to_string()))
+        [("agent0", "a"), ("agent1", "b"), ("agent2", "c")]
+            .map(|(n, h)| (n.to_string(), h.to_string()))
     );
     let local = pc
         .list(ListPeersRequest { local_only: true })
@@ -468,7 +504,8 @@ async fn forged_hop_header_is_refused() {
     let mut c = EchoClient::new(ch);
     for token in [None, Some("wrong-token-0123456789")] {
         let mut req = to("db", "x");
-        req.metadata_mut().insert("backchannel-hop", "a".parse().unwrap());
+        req.metadata_mut()
+            .insert("backchannel-hop", "a".parse().unwrap());
         req.metadata_mut()
             .insert("backchannel-caller", "admin".parse().unwrap());
         if let Some(t) = token {
@@ -484,13 +521,20 @@ async fn forged_hop_header_is_refused() {
     req.metadata_mut()
         .insert("backchannel-caller", "admin".parse().unwrap());
     let r = c.unary(req).await.unwrap();
-    assert_eq!(r.metadata().get("x-saw-backchannel-caller").unwrap(), "anonymous");
+    assert_eq!(
+        r.metadata().get("x-saw-backchannel-caller").unwrap(),
+        "anonymous"
+    );
     // A hub outside a cluster refuses hops too.
     let solo = Hub::start(HubConfig::default()).await.unwrap();
     let mut c2 = EchoClient::new(caller(&solo.addr.unwrap().to_string()).await);
     let mut req = to("db", "x");
-    req.metadata_mut().insert("backchannel-hop", "a".parse().unwrap());
-    assert_eq!(c2.unary(req).await.unwrap_err().code(), Code::Unauthenticated);
+    req.metadata_mut()
+        .insert("backchannel-hop", "a".parse().unwrap());
+    assert_eq!(
+        c2.unary(req).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
     ag.stop().await;
     a.shutdown().await;
     solo.shutdown().await;
@@ -523,7 +567,8 @@ async fn same_name_on_two_hubs_one_wins() {
     let c = hub(&redis, "c", &tok, "t3").await;
     let (sa, _ea) = private("on-a");
     let (sb, _eb) = private("on-b");
-    let ((ga, ca), (gb, cb)) = tokio::join!(announce_raw(&a, "dup", sa), announce_raw(&b, "dup", sb));
+    let ((ga, ca), (gb, cb)) =
+        tokio::join!(announce_raw(&a, "dup", sa), announce_raw(&b, "dup", sb));
     let dir = RedisDirectory::start(RedisConfig {
         namespace: "t3".into(),
         ..RedisConfig::new(redis.url())
@@ -553,15 +598,24 @@ async fn same_name_on_two_hubs_one_wins() {
         let ch = caller(&h.addr.unwrap().to_string()).await;
         until_reachable(&ch, "dup").await;
         for _ in 0..20 {
-            let r = EchoClient::new(ch.clone()).unary(to("dup", "x")).await.unwrap();
+            let r = EchoClient::new(ch.clone())
+                .unary(to("dup", "x"))
+                .await
+                .unwrap();
             assert_eq!(r.get_ref().server, winner);
         }
     }
     // A hub never overwrites a newer generation: the loser's entry is lost.
     let mut stale = cur.clone();
     stale.generation = gen_l;
-    stale.hub_id = if winner == "on-a" { "b".into() } else { "a".into() };
-    assert!(matches!(dir.refresh(&stale).await.unwrap(), Refreshed::Lost(Some(e)) if e.generation == gen_w));
+    stale.hub_id = if winner == "on-a" {
+        "b".into()
+    } else {
+        "a".into()
+    };
+    assert!(
+        matches!(dir.refresh(&stale).await.unwrap(), Refreshed::Lost(Some(e)) if e.generation == gen_w)
+    );
     assert!(!dir.release(&stale).await.unwrap());
     // Another identity cannot take a live name through the directory.
     let err = dir
@@ -614,7 +668,10 @@ async fn redis_down_keeps_local_routes_and_recovers() {
         match r {
             Err(e) if e.code() == Code::Unavailable => break e,
             _ => {
-                assert!(start.elapsed() < T, "cross-hub calls kept working without Redis");
+                assert!(
+                    start.elapsed() < T,
+                    "cross-hub calls kept working without Redis"
+                );
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
@@ -622,8 +679,15 @@ async fn redis_down_keeps_local_routes_and_recovers() {
     assert!(err.message().contains("cluster directory"), "{err:?}");
     assert_eq!(fate(&err), "not-sent");
     let t0 = Instant::now();
-    let _ = EchoClient::new(cha.clone()).unary(to("on-b", "x")).await.unwrap_err();
-    assert!(t0.elapsed() < Duration::from_millis(500), "not fast: {:?}", t0.elapsed());
+    let _ = EchoClient::new(cha.clone())
+        .unary(to("on-b", "x"))
+        .await
+        .unwrap_err();
+    assert!(
+        t0.elapsed() < Duration::from_millis(500),
+        "not fast: {:?}",
+        t0.elapsed()
+    );
     // Redis comes back empty: the hubs record their names again.
     redis.restart().await;
     let back = until_reachable(&cha, "on-b").await;
@@ -684,7 +748,10 @@ fn hub_proc(redis: &Redis, id: &str, tok: &tempfile::NamedTempFile, ns: &str) ->
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     let out = std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
             let _ = tx.send(line);
         }
     });
@@ -747,7 +814,10 @@ async fn killed_hub_agents_come_back_elsewhere() {
     // `lone` has no other hub: once its entry expires (TTL 3 s), callers get
     // NOT_FOUND, never a hop to the dead hub.
     let gone = loop {
-        let err = EchoClient::new(chb.clone()).unary(to("lone", "x")).await.unwrap_err();
+        let err = EchoClient::new(chb.clone())
+            .unary(to("lone", "x"))
+            .await
+            .unwrap_err();
         assert_eq!(fate(&err), "not-sent", "{err:?}");
         if err.code() == Code::NotFound {
             break killed.elapsed();
@@ -756,9 +826,15 @@ async fn killed_hub_agents_come_back_elsewhere() {
         assert!(killed.elapsed() < T, "the dead hub's entry never expired");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert!(gone < Duration::from_secs(3) + Duration::from_secs(2), "{gone:?}");
+    assert!(
+        gone < Duration::from_secs(3) + Duration::from_secs(2),
+        "{gone:?}"
+    );
     for _ in 0..10 {
-        let err = EchoClient::new(chc.clone()).unary(to("lone", "x")).await.unwrap_err();
+        let err = EchoClient::new(chc.clone())
+            .unary(to("lone", "x"))
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), Code::NotFound);
     }
     println!(
@@ -800,7 +876,10 @@ async fn sigterm_drain_moves_agents_without_failing_calls() {
     signal(&hubs[0], "-TERM");
     for c in inflight {
         let r = c.await.unwrap();
-        assert!(r.is_ok(), "an in-flight call failed during the drain: {r:?}");
+        assert!(
+            r.is_ok(),
+            "an in-flight call failed during the drain: {r:?}"
+        );
     }
     ag.wait_sessions(2, T).await.unwrap();
     let back = until_reachable(&chb, "mover").await;

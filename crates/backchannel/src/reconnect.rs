@@ -313,14 +313,7 @@ impl ReconnectingClient {
         });
         let span = info_span!("backchannel_client", server = %target, reconnecting = true);
         let task = tokio::spawn(
-            dial_loop(
-                builder,
-                targets,
-                endpoint.clone(),
-                routes,
-                shared.clone(),
-            )
-            .instrument(span),
+            dial_loop(builder, targets, endpoint.clone(), routes, shared.clone()).instrument(span),
         );
         let supervisor = Arc::new(Supervisor(task));
         let unconnected = endpoint.connect_with_connector_lazy(tower::service_fn(|_uri| async {

@@ -355,7 +355,8 @@ impl Directory for RedisDirectory {
                     if c.names.len() > 100_000 {
                         c.names.clear();
                     }
-                    c.names.insert(name.to_string(), (e.clone(), Instant::now()));
+                    c.names
+                        .insert(name.to_string(), (e.clone(), Instant::now()));
                 }
             }
             Ok(e)

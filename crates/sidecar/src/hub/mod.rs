@@ -247,6 +247,9 @@ impl Hub {
         let cluster = match &cfg.cluster {
             Some(c) => {
                 let mut c = c.clone();
+                if let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) {
+                    c.tls_client = Some((cert.clone(), key.clone()));
+                }
                 if let (Some(a), Some(host)) =
                     (addr, c.advertise.strip_suffix(":0").map(str::to_string))
                 {
@@ -336,7 +339,10 @@ impl Hub {
             .initial_connection_window_size(Some(backchannel::H2_CONNECTION_WINDOW))
             // First: tonic's remote_addr()/peer_certs() for every layer below.
             .layer(listenmux::ConnectInfoLayer::new())
-            .layer(routing::RouterLayer::new(state.clone(), access.clone()).with_cluster(cluster.clone()))
+            .layer(
+                routing::RouterLayer::new(state.clone(), access.clone())
+                    .with_cluster(cluster.clone()),
+            )
             .add_service(health_svc)
             .add_service(reflection)
             .add_service(reflection_alpha)
@@ -595,11 +601,24 @@ pub struct HubArgs {
     pub cluster_token_file: Option<PathBuf>,
     /// A client-certificate identity (URI or DNS SAN) of another hub whose
     /// hops are honoured without a token (repeatable).
-    #[arg(long = "cluster-hub-identity", value_name = "NAME", requires = "cluster")]
+    #[arg(
+        long = "cluster-hub-identity",
+        value_name = "NAME",
+        requires = "cluster"
+    )]
     pub cluster_hub_identities: Vec<String>,
     /// Key prefix on Redis: hubs with the same one form a cluster.
-    #[arg(long, value_name = "PREFIX", default_value = "backchannel", requires = "cluster")]
+    #[arg(
+        long,
+        value_name = "PREFIX",
+        default_value = "backchannel",
+        requires = "cluster"
+    )]
     pub cluster_namespace: String,
+    /// Hops to the other hubs over TLS, verifying them with this CA (PEM);
+    /// this hub's --tls-cert/--tls-key is its client certificate.
+    #[arg(long, value_name = "FILE", requires = "cluster")]
+    pub cluster_tls_ca: Option<PathBuf>,
 }
 
 impl HubArgs {
@@ -633,6 +652,7 @@ impl HubArgs {
                 c.token_file = self.cluster_token_file;
                 c.hub_identities = self.cluster_hub_identities;
                 c.namespace = self.cluster_namespace;
+                c.tls_ca = self.cluster_tls_ca;
                 c
             }),
         }

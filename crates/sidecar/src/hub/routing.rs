@@ -192,9 +192,22 @@ where
         // A name this hub does not hold may be on another hub.
         if let Some(cluster) = self.cluster.clone().filter(|_| !trusted) {
             if state.peer_named(&target).is_none() && target.trim().parse::<PeerId>().is_err() {
-                let (this, t, c, m) = (self.clone_parts(), target.clone(), caller.clone(), method.clone());
+                let (this, t, c, m) = (
+                    self.clone_parts(),
+                    target.clone(),
+                    caller.clone(),
+                    method.clone(),
+                );
                 let local = move |req| this.local(req, caller_conn, &t, c, m, deadline, false);
-                return cluster.route(req, target, caller, method, deadline, self.access.clone(), local);
+                return cluster.route(
+                    req,
+                    target,
+                    caller,
+                    method,
+                    deadline,
+                    self.access.clone(),
+                    local,
+                );
             }
         }
         self.clone_parts()
@@ -287,6 +300,8 @@ impl Local {
             method,
             permit,
         ));
-        Box::pin(async move { forward(route.channel, req, route.label.into(), deadline, observer).await })
+        Box::pin(async move {
+            forward(route.channel, req, route.label.into(), deadline, observer).await
+        })
     }
 }

@@ -68,6 +68,11 @@ pub struct ClusterConfig {
     /// Client-certificate identities (URI or DNS SAN) of the other hubs:
     /// their hop calls are honoured without a token.
     pub hub_identities: Vec<String>,
+    /// Hops to the other hubs over TLS, verified with this CA.
+    pub tls_ca: Option<PathBuf>,
+    /// This hub's certificate and key for those hops (the hub's own
+    /// `--tls-cert`/`--tls-key`).
+    pub tls_client: Option<(PathBuf, PathBuf)>,
 }
 
 impl std::fmt::Debug for ClusterConfig {
@@ -112,6 +117,8 @@ impl ClusterConfig {
             redis_timeout: Duration::from_secs(1),
             token_file: None,
             hub_identities: Vec::new(),
+            tls_ca: None,
+            tls_client: None,
         }
     }
 }
@@ -135,7 +142,7 @@ pub struct Cluster {
     auth: hop::HopAuth,
     state: Arc<HubState>,
     held: Mutex<HashMap<String, Held>>,
-    hops: hop::Channels,
+    hops: Mutex<hop::Channels>,
     refresh: Duration,
     /// Wakes the refresh loop at once (the event feed came back).
     kick: tokio::sync::Notify,
@@ -159,7 +166,10 @@ impl Cluster {
     ) -> anyhow::Result<(Arc<Cluster>, Vec<tokio::task::JoinHandle<()>>)> {
         crate::hub::flags::host_port(&cfg.advertise)
             .map_err(|e| anyhow::anyhow!("--advertise: {e}"))?;
-        if cfg.hub_id.is_empty() || cfg.hub_id.len() > 253 || cfg.hub_id.contains(char::is_whitespace) {
+        if cfg.hub_id.is_empty()
+            || cfg.hub_id.len() > 253
+            || cfg.hub_id.contains(char::is_whitespace)
+        {
             anyhow::bail!("--hub-id must be 1 to 253 characters without spaces");
         }
         if cfg.refresh >= cfg.ttl {
@@ -175,7 +185,18 @@ impl Cluster {
         rc.ttl = cfg.ttl;
         rc.timeout = cfg.redis_timeout;
         let dir = backchannel_directory::RedisDirectory::start(rc)?;
-        Ok(Self::with_directory(dir, cfg, auth, state))
+        let hops = match &cfg.tls_ca {
+            Some(ca) => hop::Channels::tls(
+                ca,
+                cfg.tls_client
+                    .as_ref()
+                    .map(|(c, k)| (c.as_path(), k.as_path())),
+            )?,
+            None => hop::Channels::default(),
+        };
+        let (c, tasks) = Self::with_directory(dir, cfg, auth, state);
+        *c.hops.lock().unwrap_or_else(|e| e.into_inner()) = hops;
+        Ok((c, tasks))
     }
 
     /// Joins a cluster over any [`Directory`] (tests, embedding).
@@ -192,7 +213,7 @@ impl Cluster {
             auth,
             state,
             held: Mutex::default(),
-            hops: hop::Channels::default(),
+            hops: Mutex::default(),
             refresh: cfg.refresh,
             kick: tokio::sync::Notify::new(),
         });
@@ -339,7 +360,9 @@ impl Cluster {
             match rx.recv().await {
                 Ok(Event::Claimed(e)) if e.hub_id != self.hub_id => {
                     let stale = self.held().get(&e.name).is_some_and(|h| {
-                        h.entry.as_ref().map_or(true, |mine| mine.generation < e.generation)
+                        h.entry
+                            .as_ref()
+                            .is_none_or(|mine| mine.generation < e.generation)
                     });
                     if stale {
                         self.lost(&e.name.clone(), Some(&e));
@@ -377,7 +400,9 @@ impl Cluster {
                         if let Some(e) = entry {
                             match self.dir.release(&e).await {
                                 Ok(_) => tracing::info!(%name, "name released from the cluster"),
-                                Err(err) => tracing::warn!(%name, error = %err, "cannot release the name; it expires after the TTL"),
+                                Err(err) => {
+                                    tracing::warn!(%name, error = %err, "cannot release the name; it expires after the TTL")
+                                }
                             }
                         }
                     }
@@ -514,7 +539,11 @@ impl Cluster {
                 headers.insert(CALLER_HEADER, v);
             }
             self.auth.stamp(headers, &self.hub_id);
-            let channel = self.hops.get(&entry.addr);
+            let channel = self
+                .hops
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&entry.addr);
             let label: Arc<str> = format!(
                 "peer '{target}' (id {} on hub '{}')",
                 entry.peer_id, entry.hub_id
@@ -556,8 +585,7 @@ pub fn refuse_hop_without_cluster(headers: &http::HeaderMap) -> Option<Status> {
 
 /// `--cluster`: `redis://HOST:PORT[/DB]` (or `rediss://` for TLS).
 pub fn redis_url(s: &str) -> Result<String, String> {
-    let ok = (s.starts_with("redis://") || s.starts_with("rediss://"))
-        && redis_url_parses(s);
+    let ok = (s.starts_with("redis://") || s.starts_with("rediss://")) && redis_url_parses(s);
     if ok {
         Ok(s.to_string())
     } else {
@@ -569,8 +597,7 @@ fn redis_url_parses(s: &str) -> bool {
     let rest = s.split_once("://").map_or("", |(_, r)| r);
     let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
     let (hostport, db) = rest.split_once('/').unwrap_or((rest, ""));
-    (db.is_empty() || db.parse::<u32>().is_ok())
-        && crate::hub::flags::host_port(hostport).is_ok()
+    (db.is_empty() || db.parse::<u32>().is_ok()) && crate::hub::flags::host_port(hostport).is_ok()
 }
 
 #[cfg(test)]
