@@ -1,6 +1,6 @@
 //! The `backchannel` command: the demo, and the sidecar's hub and agent.
 
-use backchannel_sidecar::{agent, hub};
+use backchannel_sidecar::{agent, hub, peers_cmd};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -28,6 +28,9 @@ enum Command {
     /// Run an agent: dial out to a hub and publish a local gRPC server
     /// through it under a name.
     Agent(agent::AgentArgs),
+    /// Show the peers a hub holds (its admin view: names, sessions, calls,
+    /// bytes, round-trip time and throughput ceiling), once or refreshed.
+    Peers(peers_cmd::PeersArgs),
 }
 
 #[tokio::main]
@@ -49,6 +52,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Demo => backchannel_demo::run().await,
         Command::Hub(args) => hub::run(args.into_config()).await,
+        Command::Peers(args) => peers_cmd::run(args).await,
         Command::Agent(args) => match args.into_config() {
             Ok(cfg) => agent::run(cfg).await,
             // A bad flag value: like clap's own usage errors, exit 2.

@@ -550,6 +550,12 @@ impl Client {
         self.remote_addr
     }
 
+    /// The session's flow statistics (round-trip time, windows, bytes in
+    /// flight).
+    pub fn session_stats(&self) -> crate::SessionStats {
+        self.session.stats()
+    }
+
     /// Closes the session (GoAway, then the connection). Idempotent.
     pub fn close(&self) {
         self.session.close();

@@ -15,6 +15,8 @@ use std::time::Duration;
 /// | `keepalive_timeout` | 30 s | 30 s | a ping unanswered this long ends the session |
 /// | `write_timeout` | 10 s | 10 s | yamux's safety valve for a connection that stops draining |
 /// | `handshake_timeout` | 10 s | 10 s | server: how long a client may take to open stream 1 and send the HTTP/2 preface and SETTINGS on it (only then is it a peer); client: how long the connect and stream 1 may take |
+/// | `max_auto_window` | 16 MiB | 16 MiB | a stream whose window is what limits it (half of it read within two round trips) gets a larger one, up to this, within a quarter of the buffer budget: long round trips do not cap a stream at 4 MiB per RTT |
+/// | `max_buffered` | 64 MiB | 64 MiB | sixteen 4 MiB windows left unread at once; past it the stream holding the most unread data is reset |
 /// | `max_streams` | 1024 | 256 | server: reverse-channel streams it may open; client: each server-opened stream is an HTTP/2 connection with its own buffers, so a server is not allowed thousands |
 ///
 /// ```
@@ -37,6 +39,7 @@ pub struct SessionConfig {
     handshake_timeout: Duration,
     stream_close_timeout: Duration,
     max_buffered: usize,
+    max_auto_window: u32,
 }
 
 impl SessionConfig {
@@ -56,10 +59,11 @@ impl SessionConfig {
             max_streams: 1024,
             handshake_timeout: Duration::from_secs(10),
             stream_close_timeout: backchannel_yamux::Config::default().stream_close_timeout(),
-            // yamux charges a frame slice for the whole read buffer it pins
-            // (up to 16x its size), so one 4 MiB window can be charged 64 MiB:
-            // a budget below that resets healthy streams.
-            max_buffered: 256 << 20,
+            // Sixteen 4 MiB windows left unread at once, with the read
+            // buffers they pin; past it the stream holding the most unread
+            // data is reset.
+            max_buffered: 64 << 20,
+            max_auto_window: 16 << 20,
         }
     }
 
@@ -154,7 +158,8 @@ impl SessionConfig {
     }
 
     /// Most bytes the session holds for its streams' readers, whatever the
-    /// peer sends (256 MiB); past it, a stream that would exceed it is reset.
+    /// peer sends (64 MiB); past it, the stream holding the most unread data
+    /// is reset.
     pub fn max_buffered(&self) -> usize {
         self.max_buffered
     }
@@ -162,6 +167,23 @@ impl SessionConfig {
     /// Sets [`max_buffered`](Self::max_buffered).
     pub fn with_max_buffered(mut self, bytes: usize) -> Self {
         self.max_buffered = bytes;
+        self
+    }
+
+    /// Largest receive window a stream's window may grow to while it limits
+    /// the stream (16 MiB; at most the stream window: no growth).
+    pub fn max_auto_window(&self) -> u32 {
+        self.max_auto_window
+    }
+
+    /// Sets [`max_auto_window`](Self::max_auto_window).
+    ///
+    /// ```
+    /// let c = backchannel::SessionConfig::server().with_max_auto_window(0);
+    /// assert_eq!(c.max_auto_window(), 0);
+    /// ```
+    pub fn with_max_auto_window(mut self, bytes: u32) -> Self {
+        self.max_auto_window = bytes;
         self
     }
 
@@ -199,5 +221,6 @@ impl SessionConfig {
             .with_write_timeout(self.write_timeout)
             .with_stream_close_timeout(self.stream_close_timeout)
             .with_max_buffered(self.max_buffered)
+            .with_max_auto_window(self.max_auto_window)
     }
 }

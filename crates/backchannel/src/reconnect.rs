@@ -348,6 +348,11 @@ impl ReconnectingClient {
         self.shared.state.borrow().is_some()
     }
 
+    /// The flow statistics of the session that is up, if any.
+    pub fn session_stats(&self) -> Option<crate::SessionStats> {
+        self.shared.current().session.as_ref().map(|s| s.stats())
+    }
+
     /// The number of the session that is up (1 for the first), if any.
     pub fn session(&self) -> Option<u64> {
         *self.shared.state.borrow()

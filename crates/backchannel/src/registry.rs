@@ -235,6 +235,17 @@ impl Registry {
         self.peers().get(&id).map(|e| e.info.clone())
     }
 
+    /// The flow statistics of peer `id`'s session (round-trip time, windows,
+    /// bytes in flight), if connected.
+    ///
+    /// ```
+    /// let registry = backchannel::Registry::new();
+    /// assert!(registry.session_stats(backchannel::PeerId::new(1)).is_none());
+    /// ```
+    pub fn session_stats(&self, id: PeerId) -> Option<crate::SessionStats> {
+        self.peers().get(&id).map(|e| e.session.stats())
+    }
+
     /// All connected peers, in ID order.
     ///
     /// ```

@@ -25,6 +25,11 @@ impl SessionHandle {
         self.control.close();
     }
 
+    /// The session's flow statistics.
+    pub(crate) fn stats(&self) -> crate::SessionStats {
+        self.control.stats()
+    }
+
     /// Whether the session has ended.
     pub(crate) fn is_closed(&self) -> bool {
         self.control.is_closed()

@@ -21,6 +21,7 @@
 pub mod addr;
 pub mod agent;
 pub mod hub;
+pub mod peers_cmd;
 pub mod router;
 pub mod signal;
 pub mod tls;

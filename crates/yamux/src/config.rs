@@ -39,6 +39,8 @@ pub struct Config {
     write_timeout: Duration,
     stream_close_timeout: Duration,
     max_buffered: usize,
+    max_auto_window: u32,
+    rtt_probe: bool,
 }
 
 impl Default for Config {
@@ -55,6 +57,8 @@ impl Default for Config {
             write_timeout: Duration::from_secs(10),
             stream_close_timeout: Duration::from_secs(300),
             max_buffered: 32 * 1024 * 1024,
+            max_auto_window: 0,
+            rtt_probe: true,
         }
     }
 }
@@ -122,6 +126,35 @@ impl Config {
     pub fn with_max_buffered(mut self, bytes: usize) -> Self {
         self.max_buffered = bytes;
         self
+    }
+
+    /// Lets a stream's receive window grow past the stream window, up to
+    /// `bytes`, while the window is what limits it: when half the window is
+    /// read in less than two round trips, the window doubles (announced in
+    /// the window update, as the protocol allows). All the growth of a
+    /// session's streams together stays within a quarter of the buffer budget. At
+    /// most the stream window (the default): no growth.
+    pub fn with_max_auto_window(mut self, bytes: u32) -> Self {
+        self.max_auto_window = bytes;
+        self
+    }
+
+    /// Sends one ping as soon as the session starts, so the round-trip time
+    /// is known before the first keepalive (on by default; keepalive pings
+    /// measure it after that). See [`Control::stats`](crate::Control::stats).
+    pub fn with_rtt_probe(mut self, on: bool) -> Self {
+        self.rtt_probe = on;
+        self
+    }
+
+    /// See [`with_max_auto_window`](Self::with_max_auto_window).
+    pub fn max_auto_window(&self) -> u32 {
+        self.max_auto_window.max(self.window())
+    }
+
+    /// See [`with_rtt_probe`](Self::with_rtt_probe).
+    pub fn rtt_probe(&self) -> bool {
+        self.rtt_probe
     }
 
     /// See [`with_max_stream_window`](Self::with_max_stream_window).

@@ -25,17 +25,25 @@ use crate::{
     write::{WriteSide, BUDGET, KEEP_OUT},
 };
 
+/// A ping's opaque value, when it went out, and its answer's deadline.
+type PingInFlight = (u32, Instant, Option<Pin<Box<Sleep>>>);
+
 /// Keepalive pings: the interval, and the ping in flight with the
 /// deadline for its answer.
 pub(crate) struct Keepalive {
     interval: Option<Interval>,
     timeout: Duration,
-    ping: Option<(u32, Pin<Box<Sleep>>)>,
+    /// The ping in flight: its opaque value, when it went out, and the
+    /// deadline for its answer (none for the RTT probe of a session
+    /// without keepalive: its silence is not an error).
+    ping: Option<PingInFlight>,
     ping_id: u32,
+    /// The RTT probe is still to be sent.
+    probe: bool,
 }
 
 impl Keepalive {
-    pub(crate) fn new(every: Option<Duration>, timeout: Duration) -> Self {
+    pub(crate) fn new(every: Option<Duration>, timeout: Duration, probe: bool) -> Self {
         let interval = every.map(|every| {
             let mut iv = tokio::time::interval_at(Instant::now() + every, every);
             iv.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -46,13 +54,20 @@ impl Keepalive {
             timeout,
             ping: None,
             ping_id: 0,
+            probe,
         }
     }
 
-    /// A pong with `opaque` arrived.
-    pub(crate) fn on_pong(&mut self, opaque: u32) {
-        if matches!(&self.ping, Some((p, _)) if *p == opaque) {
-            self.ping = None;
+    /// A pong with `opaque` arrived: the round-trip time if it answers our
+    /// ping in flight.
+    pub(crate) fn on_pong(&mut self, opaque: u32) -> Option<Duration> {
+        match &self.ping {
+            Some((p, sent, _)) if *p == opaque => {
+                let rtt = sent.elapsed();
+                self.ping = None;
+                Some(rtt)
+            }
+            _ => None,
         }
     }
 
@@ -60,22 +75,27 @@ impl Keepalive {
     /// ping is unanswered for the timeout, to the timer's precision.
     /// `Ok(true)` if a ping went out.
     fn poll(&mut self, shared: &Shared, cx: &mut Context<'_>) -> Result<bool, SessionError> {
-        if let Some((_, deadline)) = &mut self.ping {
+        if let Some((_, _, Some(deadline))) = &mut self.ping {
             if deadline.as_mut().poll(cx).is_ready() {
                 return Err(SessionError::KeepaliveTimeout(self.timeout));
             }
         }
-        let Some(iv) = &mut self.interval else {
-            return Ok(false);
+        let due = match &mut self.interval {
+            Some(iv) => iv.poll_tick(cx).is_ready(),
+            None => false,
         };
-        if iv.poll_tick(cx).is_pending() || self.ping.is_some() {
+        if self.ping.is_some() || !(due || self.probe) {
             return Ok(false);
         }
+        self.probe = false;
         self.ping_id = self.ping_id.wrapping_add(1);
-        let mut deadline = Box::pin(tokio::time::sleep(self.timeout));
-        // Registers the timer with this task.
-        let _ = deadline.as_mut().poll(cx);
-        self.ping = Some((self.ping_id, deadline));
+        let deadline = self.interval.as_ref().map(|_| {
+            let mut deadline = Box::pin(tokio::time::sleep(self.timeout));
+            // Registers the timer with this task.
+            let _ = deadline.as_mut().poll(cx);
+            deadline
+        });
+        self.ping = Some((self.ping_id, Instant::now(), deadline));
         shared.lock().push(Header::ping(self.ping_id));
         Ok(true)
     }

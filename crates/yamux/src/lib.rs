@@ -21,13 +21,16 @@
 //!   - Received data: a stream holds at most its receive window (a peer that
 //!     sends more breaks the protocol and the session ends with GoAway), and
 //!     the whole session at most [`Config::with_max_buffered`] (default
-//!     32 MiB). A slice is charged for the whole read buffer it may keep
-//!     alive, not just its length; when that does not fit, the frame is
-//!     copied (charged exactly); when even that does not fit, its stream is
-//!     reset ([`StreamError::ResetLocally`]). So the memory held for unread
-//!     data is at most the budget (twice that counting the growth slack of
-//!     copy buffers), plus one read buffer (up to 256 KiB plus one frame)
-//!     being filled and 16 KiB per stream of emptied copy buffer.
+//!     32 MiB). Copied frames are charged their length; a read buffer
+//!     allocation that unread slices keep alive is charged once, its whole
+//!     size, until the last slice of it is read. When a frame does not fit
+//!     as a slice it is copied; when even that does not fit, the stream
+//!     holding the most unread data is reset ([`StreamError::ResetLocally`]
+//!     with [`ResetReason::BufferBudget`]) until it fits, so a stream nobody
+//!     reads pays, not the one whose frame came next. The memory held for
+//!     unread data is at most the budget (twice that counting the growth
+//!     slack of copy buffers), plus one read buffer (up to 256 KiB plus one
+//!     frame) being filled and 16 KiB per stream of emptied copy buffer.
 //!     [`Control::buffered_bytes`] reports the charged bytes.
 //!   - Streams: at most [`Config::with_max_streams`]; a dropped stream whose
 //!     peer never closes its half is reset after
@@ -97,5 +100,6 @@ pub use connection::Connection;
 pub use error::{
     ConfigError, EndReason, OpenError, ProtocolViolation, ResetReason, SessionError, StreamError,
 };
+pub use session::Stats;
 pub use session::{session, Control, Incoming};
 pub use stream::Stream;

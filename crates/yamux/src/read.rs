@@ -39,6 +39,8 @@ const MIN_SPARE: usize = 4 * 1024;
 /// the whole buffer it came from alive (up to a read chunk plus the frame),
 /// and a queue entry per tiny frame would cost more than the frame.
 const COPY_BELOW: usize = 16 * 1024;
+/// At most this many other streams are reset to make room for one frame.
+const MAX_EVICTIONS: usize = 8;
 
 /// What to do after a header.
 enum Next {
@@ -61,9 +63,11 @@ pub(crate) struct ReadSide<T> {
     skip: usize,
     paused: bool,
     read_chunk: usize,
-    /// Size of the allocation `rbuf` reads into: what a slice of it may
-    /// keep alive, and so what a slice is charged.
+    /// Size of the allocation `rbuf` reads into: what slices of it keep
+    /// alive, and so what they are charged (once, see `Pins`).
     alloc: usize,
+    /// Number of that allocation (a new one each time `rbuf` moves).
+    alloc_gen: u64,
 }
 
 impl<T: AsyncRead> ReadSide<T> {
@@ -78,6 +82,7 @@ impl<T: AsyncRead> ReadSide<T> {
             paused: false,
             read_chunk: MIN_READ_CHUNK,
             alloc: 0,
+            alloc_gen: 0,
         }
     }
 
@@ -108,11 +113,12 @@ impl<T: AsyncRead> ReadSide<T> {
                 let before = self.rbuf.as_ptr();
                 self.rbuf.reserve(need.max(self.read_chunk));
                 let now = self.rbuf.len() + self.rbuf.capacity();
-                self.alloc = if self.rbuf.as_ptr() == before {
-                    self.alloc.max(now)
+                if self.rbuf.as_ptr() == before {
+                    self.alloc = self.alloc.max(now);
                 } else {
-                    now
-                };
+                    self.alloc = now;
+                    self.alloc_gen += 1;
+                }
             }
             let spare = self.rbuf.capacity() - self.rbuf.len();
             match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf) {
@@ -208,8 +214,7 @@ impl<T: AsyncRead> ReadSide<T> {
             self.pending = None;
             self.rbuf.advance(HEADER_LEN);
             let id = h.id();
-            let budget = inner.max_buffered - inner.buffered;
-            match inner.streams.get_mut(&id) {
+            match inner.streams.get(&id) {
                 Some(st) if st.detached && !st.remote_closed => {
                     // The handle went away while the body was arriving:
                     // nobody will read it.
@@ -219,31 +224,7 @@ impl<T: AsyncRead> ReadSide<T> {
                     continue;
                 }
                 Some(st) if st.reset.is_none() => {
-                    // Larger frames stay slices of the read buffer, charged
-                    // for the whole buffer they may keep alive; when that
-                    // does not fit the budget they are copied (charged
-                    // exactly); when even that does not fit, the stream is
-                    // reset.
-                    let charge = self.alloc.max(len);
-                    if len >= COPY_BELOW && charge <= budget {
-                        st.push_slice(self.rbuf.split_to(len).freeze(), charge, wake);
-                        inner.buffered += charge;
-                    } else if len <= budget {
-                        st.push_copy(&self.rbuf[..len], wake);
-                        self.rbuf.advance(len);
-                        inner.buffered += len;
-                    } else {
-                        self.rbuf.advance(len);
-                        warn!(
-                            stream = %id,
-                            buffered = inner.buffered,
-                            "yamux receive buffer budget exhausted; resetting the stream"
-                        );
-                        inner.reset_stream(
-                            id,
-                            StreamError::ResetLocally(ResetReason::BufferBudget),
-                            wake,
-                        );
+                    if !self.deliver(inner, id, len, wake) {
                         continue;
                     }
                 }
@@ -251,6 +232,75 @@ impl<T: AsyncRead> ReadSide<T> {
             }
             apply_flags(inner, id, h.flags, wake);
         }
+    }
+
+    /// Buffers the `len`-byte body at the front of `rbuf` for stream `id`
+    /// within the session's budget; `false` if the stream was reset instead.
+    ///
+    /// Larger frames stay slices of the read buffer (its allocation charged
+    /// once, whoever holds slices of it); when that does not fit they are
+    /// copied (charged exactly). When even that does not fit, the stream
+    /// holding the most unread data is reset until it does: a stream that
+    /// is not being read loses, not whichever stream's frame came next.
+    fn deliver(
+        &mut self,
+        inner: &mut Inner,
+        id: StreamId,
+        len: usize,
+        wake: &mut Vec<Waker>,
+    ) -> bool {
+        for _ in 0..MAX_EVICTIONS {
+            let budget = inner.max_buffered - inner.buffered;
+            let Some(st) = inner.streams.get_mut(&id) else {
+                break;
+            };
+            if len >= COPY_BELOW && inner.pins.cost(self.alloc_gen, self.alloc) <= budget {
+                inner.buffered += inner.pins.pin(self.alloc_gen, self.alloc);
+                st.push_slice(self.rbuf.split_to(len).freeze(), self.alloc_gen, wake);
+                return true;
+            }
+            if len <= budget {
+                st.push_copy(&self.rbuf[..len], wake);
+                self.rbuf.advance(len);
+                inner.buffered += len;
+                return true;
+            }
+            let own = st.recv_buffered;
+            let victim = inner
+                .streams
+                .iter()
+                .filter(|(_, s)| s.reset.is_none())
+                .max_by_key(|(_, s)| s.recv_buffered)
+                .map(|(v, s)| (*v, s.recv_buffered));
+            match victim {
+                Some((v, held)) if v != id && held > own => {
+                    warn!(
+                        stream = %v,
+                        unread = held,
+                        buffered = inner.buffered,
+                        "yamux receive buffer budget exhausted; resetting the stream with the most unread data"
+                    );
+                    inner.reset_stream(
+                        v,
+                        StreamError::ResetLocally(ResetReason::BufferBudget),
+                        wake,
+                    );
+                }
+                _ => break,
+            }
+        }
+        self.rbuf.advance(len);
+        warn!(
+            stream = %id,
+            buffered = inner.buffered,
+            "yamux receive buffer budget exhausted; resetting the stream"
+        );
+        inner.reset_stream(
+            id,
+            StreamError::ResetLocally(ResetReason::BufferBudget),
+            wake,
+        );
+        false
     }
 
     fn on_header(
@@ -266,7 +316,9 @@ impl<T: AsyncRead> ReadSide<T> {
                 if h.flags & SYN != 0 {
                     inner.push(Header::pong(h.length));
                 } else if h.flags & ACK != 0 {
-                    keepalive.on_pong(h.length);
+                    if let Some(rtt) = keepalive.on_pong(h.length) {
+                        inner.record_rtt(rtt);
+                    }
                 }
                 return Ok(Next::Done);
             }
@@ -305,9 +357,10 @@ impl<T: AsyncRead> ReadSide<T> {
             });
         };
         if h.ty == FrameType::WindowUpdate {
-            st.credit_send(h.length, wake).map_err(|()| {
-                SessionError::Protocol(ProtocolViolation::WindowOverflow(id.get()))
-            })?;
+            st.credit_send(h.length, h.flags & (SYN | ACK) != 0, wake)
+                .map_err(|()| {
+                    SessionError::Protocol(ProtocolViolation::WindowOverflow(id.get()))
+                })?;
             apply_flags(inner, id, h.flags, wake);
             return Ok(Next::Done);
         }
@@ -324,6 +377,7 @@ impl<T: AsyncRead> ReadSide<T> {
                 window,
             }));
         }
+        inner.data_received += u64::from(h.length);
         if h.length == 0 {
             apply_flags(inner, id, h.flags, wake);
             return Ok(Next::Done);

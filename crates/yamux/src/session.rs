@@ -5,6 +5,7 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
+    time::Duration,
 };
 
 use tokio::{
@@ -54,8 +55,12 @@ where
     ));
     let (tx, rx) = mpsc::channel(config.accept_backlog().max(1));
     let keepalive = match invalid {
-        None => Keepalive::new(config.keepalive(), config.keepalive_timeout()),
-        Some(_) => Keepalive::new(None, config.keepalive_timeout()),
+        None => Keepalive::new(
+            config.keepalive(),
+            config.keepalive_timeout(),
+            config.rtt_probe(),
+        ),
+        Some(_) => Keepalive::new(None, config.keepalive_timeout(), false),
     };
     let connection = Connection {
         shared: shared.clone(),
@@ -203,6 +208,108 @@ impl Control {
     pub fn buffered_bytes(&self) -> usize {
         self.shared.lock().buffered
     }
+
+    /// A snapshot of the session's flow: round-trip time, windows, bytes in
+    /// flight and totals (for metrics and diagnosis).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let (a, _b) = tokio::io::duplex(1024);
+    /// let (control, _incoming, connection) =
+    ///     backchannel_yamux::session(a, Default::default(), backchannel_yamux::Mode::Client);
+    /// tokio::spawn(connection);
+    /// let stats = control.stats();
+    /// assert_eq!(stats.streams, 0);
+    /// assert_eq!(stats.recv_window, 256 * 1024);
+    /// assert!(stats.rtt.is_none()); // no pong yet
+    /// # }
+    /// ```
+    pub fn stats(&self) -> Stats {
+        let inner = self.shared.lock();
+        let mut stats = Stats {
+            rtt: inner.rtt,
+            streams: inner.streams.len(),
+            buffered: inner.buffered,
+            max_buffered: inner.max_buffered,
+            recv_window: inner.window,
+            send_window: 0,
+            in_flight: 0,
+            data_sent: inner.data_sent,
+            data_received: inner.data_received,
+            window_stalls: inner.window_stalls,
+            windows_grown: inner.windows_grown,
+        };
+        for st in inner.streams.values() {
+            stats.recv_window = stats.recv_window.max(st.recv_max);
+            stats.send_window = stats.send_window.max(st.send_peak);
+            stats.in_flight += u64::from(st.send_peak - st.send_window);
+        }
+        stats
+    }
+}
+
+/// A snapshot of a session's flow, from [`Control::stats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Smoothed round-trip time of the session's pings (`None` before the
+    /// first answer).
+    pub rtt: Option<Duration>,
+    /// Streams tracked now.
+    pub streams: usize,
+    /// Bytes held for readers (see [`Control::buffered_bytes`]).
+    pub buffered: usize,
+    /// The buffer budget.
+    pub max_buffered: usize,
+    /// The largest receive window a stream has now (the configured stream
+    /// window, or more where it grew).
+    pub recv_window: u32,
+    /// The largest window the peer has granted one of the open streams (0
+    /// with no stream open).
+    pub send_window: u32,
+    /// Bytes sent on open streams that the peer has not credited back yet.
+    pub in_flight: u64,
+    /// Data bytes sent, all streams, since the session started.
+    pub data_sent: u64,
+    /// Data bytes received, all streams, since the session started.
+    pub data_received: u64,
+    /// Times a writer found its stream's send window closed.
+    pub window_stalls: u64,
+    /// Times a stream's receive window grew.
+    pub windows_grown: u64,
+}
+
+impl Stats {
+    /// The most one stream can carry toward the peer, in bytes per second:
+    /// the peer's window per round trip (`None` until both are known).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # let (a, _b) = tokio::io::duplex(1024);
+    /// # let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    /// # let _g = rt.enter();
+    /// # let (control, _i, _c) = backchannel_yamux::session(a, Default::default(), backchannel_yamux::Mode::Client);
+    /// let stats = control.stats();
+    /// assert_eq!(stats.send_ceiling(), None); // no RTT, no stream yet
+    /// ```
+    pub fn send_ceiling(&self) -> Option<u64> {
+        ceiling(self.send_window, self.rtt?)
+    }
+
+    /// The most one stream can carry from the peer, in bytes per second:
+    /// our receive window per round trip.
+    pub fn recv_ceiling(&self) -> Option<u64> {
+        ceiling(self.recv_window, self.rtt?)
+    }
+}
+
+/// `window` bytes per `rtt`, in bytes per second.
+pub(crate) fn ceiling(window: u32, rtt: Duration) -> Option<u64> {
+    if window == 0 {
+        return None;
+    }
+    let nanos = rtt.as_nanos().max(1);
+    u64::try_from(u128::from(window) * 1_000_000_000 / nanos).ok()
 }
 
 /// The streams the peer opens, in order. Dropping it makes the session

@@ -16,7 +16,7 @@ use crate::{
     config::{Config, Mode},
     error::{EndReason, StreamError},
     frame::{Header, StreamId, INITIAL_WINDOW},
-    stream_state::StreamState,
+    stream_state::{Pins, StreamState},
     write::Writer,
 };
 
@@ -89,9 +89,24 @@ pub(crate) struct Inner {
     pub(crate) next_id: u64,
     /// Highest stream ID the peer has opened.
     pub(crate) max_peer_id: u32,
-    /// Memory held for received data of all streams (slices charged for
-    /// the buffers they keep alive); at most `max_buffered`.
+    /// Memory held for received data of all streams (copies by length,
+    /// read buffer allocations that slices keep alive once each); at most
+    /// `max_buffered`.
     pub(crate) buffered: usize,
+    /// The read buffer allocations unread slices keep alive.
+    pub(crate) pins: Pins,
+    /// Smoothed round-trip time of our pings.
+    pub(crate) rtt: Option<Duration>,
+    /// Largest receive window a stream may grow to.
+    pub(crate) max_auto_window: u32,
+    /// Window growth granted to the streams now (beyond `window` each).
+    pub(crate) auto_granted: usize,
+    pub(crate) data_sent: u64,
+    pub(crate) data_received: u64,
+    pub(crate) window_stalls: u64,
+    pub(crate) windows_grown: u64,
+    /// A window stall was logged (once per session).
+    pub(crate) stall_logged: bool,
     pub(crate) max_buffered: usize,
     /// How long a dropped stream waits for the peer's FIN.
     pub(crate) close_timeout: Duration,
@@ -133,6 +148,15 @@ impl Inner {
             },
             max_peer_id: 0,
             buffered: 0,
+            pins: Pins::default(),
+            rtt: None,
+            max_auto_window: config.max_auto_window(),
+            auto_granted: 0,
+            data_sent: 0,
+            data_received: 0,
+            window_stalls: 0,
+            windows_grown: 0,
+            stall_logged: false,
             max_buffered: config.max_buffered(),
             close_timeout: config.stream_close_timeout(),
             close_timers: VecDeque::new(),
@@ -146,6 +170,27 @@ impl Inner {
             remote_goaway: false,
             ended: None,
         }
+    }
+
+    /// A ping was answered after `sample`: smooths it into `rtt` (weight
+    /// 1/8, as TCP's SRTT).
+    pub(crate) fn record_rtt(&mut self, sample: Duration) {
+        self.rtt = Some(match self.rtt {
+            None => sample,
+            Some(srtt) => (srtt * 7 + sample) / 8,
+        });
+    }
+
+    /// How much stream `id`'s receive window may grow now (`None`: auto
+    /// tuning is off or the RTT is not known yet).
+    pub(crate) fn growth_room(&self) -> Option<(Duration, u32, usize)> {
+        if self.max_auto_window <= self.window {
+            return None;
+        }
+        // Unread slices can pin up to about twice their data in read
+        // buffers: growth stays within a quarter of the budget.
+        let room = (self.max_buffered / 4).saturating_sub(self.auto_granted);
+        Some((self.rtt?, self.max_auto_window, room))
     }
 
     /// Queues a frame for the connection task.
@@ -229,14 +274,15 @@ impl Inner {
     /// Drops a stream's buffered data.
     pub(crate) fn discard(&mut self, id: StreamId) {
         if let Some(st) = self.streams.get_mut(&id) {
-            self.buffered -= st.discard();
+            self.buffered -= st.discard(&mut self.pins);
         }
     }
 
     /// Forgets a stream (its buffered data too).
     pub(crate) fn remove(&mut self, id: StreamId) {
         if let Some(mut st) = self.streams.remove(&id) {
-            self.buffered -= st.discard();
+            self.buffered -= st.discard(&mut self.pins);
+            self.auto_granted -= (st.recv_max - self.window) as usize;
         }
     }
 

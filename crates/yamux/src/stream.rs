@@ -8,6 +8,7 @@ use std::{
 };
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tracing::{debug, info, trace};
 
 use crate::{
     error::StreamError,
@@ -80,6 +81,20 @@ impl Stream {
         }
         if st.send_window == 0 {
             st.wait_write(cx);
+            let peak = st.send_peak;
+            inner.window_stalls += 1;
+            if !inner.stall_logged {
+                if let Some(rtt) = inner.rtt {
+                    inner.stall_logged = true;
+                    let cap = crate::session::ceiling(peak, rtt).unwrap_or(0);
+                    let msg = "stream waits for the peer's window: window / RTT caps one stream";
+                    if rtt >= std::time::Duration::from_millis(1) {
+                        info!(stream = %self.id, window = peak, rtt_us = rtt.as_micros() as u64, ceiling_bytes_per_sec = cap, "{msg}");
+                    } else {
+                        debug!(stream = %self.id, window = peak, rtt_us = rtt.as_micros() as u64, ceiling_bytes_per_sec = cap, "{msg}");
+                    }
+                }
+            }
             return Poll::Pending;
         }
         if inner.out.len() >= OUT_HIGH {
@@ -89,7 +104,8 @@ impl Stream {
             return Poll::Pending;
         }
         let n = total.min(st.send_window as usize).min(MAX_DATA_FRAME);
-        st.send_window -= n as u32;
+        st.take_send_window(n as u32);
+        inner.data_sent += n as u64;
         let header = Header::data(self.id, n as u32);
         if inner.out.is_empty() {
             if let Some(mut writer) = self.shared.idle_writer() {
@@ -133,7 +149,7 @@ impl AsyncRead for Stream {
     ) -> Poll<io::Result<()>> {
         let id = self.id;
         self.shared.update(|inner| {
-            let window = inner.window;
+            let grow = inner.growth_room();
             let dead = inner.dead();
             let ended = inner.ended_error();
             let Some(st) = inner.streams.get_mut(&id) else {
@@ -145,10 +161,15 @@ impl AsyncRead for Stream {
                 return Poll::Ready(Err(e.into()));
             }
             if st.recv_buffered > 0 {
-                let (_, freed) = st.read_into(buf);
-                let credit = st.take_credit(window);
+                let (_, freed) = st.read_into(buf, &mut inner.pins);
+                let credit = st.take_credit(grow);
                 inner.buffered -= freed;
-                if let Some(delta) = credit {
+                if let Some((delta, extra)) = credit {
+                    if extra > 0 {
+                        inner.auto_granted += extra as usize;
+                        inner.windows_grown += 1;
+                        trace!(stream = %id, window = st.recv_max, "stream receive window grew");
+                    }
                     inner.push(Header::window_update(id, delta));
                 }
                 return Poll::Ready(Ok(()));
@@ -233,7 +254,7 @@ impl Stream {
                 inner.remove(id);
                 return;
             }
-            let freed = st.detach();
+            let freed = st.detach(&mut inner.pins);
             let send_fin = !st.local_closed;
             st.local_closed = true;
             inner.buffered -= freed;

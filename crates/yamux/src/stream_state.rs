@@ -1,7 +1,7 @@
 //! Per-stream state and flow control.
 
 use std::{
-    collections::VecDeque,
+    collections::{HashMap, VecDeque},
     task::{Context, Waker},
 };
 
@@ -13,22 +13,91 @@ use crate::error::StreamError;
 /// An empty copy buffer keeps at most this much capacity.
 const KEEP_TAIL: usize = 16 * 1024;
 
+/// What an entry of a stream's receive queue is charged to the session's
+/// buffer budget.
+#[derive(Debug, Clone, Copy)]
+enum Held {
+    /// Copied data: its length.
+    Copy(usize),
+    /// A slice of read buffer allocation number `.0`: the allocation is
+    /// charged once, whoever holds slices of it (see [`Pins`]).
+    Pin(u64),
+}
+
+/// The connection's read buffer allocations that unread slices keep alive.
+/// Each is charged to the budget once, for its whole size, from the first
+/// slice kept until the last one is read or dropped: what is charged is the
+/// memory really held, not a multiple of it.
+#[derive(Debug, Default)]
+pub(crate) struct Pins {
+    /// Allocation number -> (its size, live slices of it).
+    live: HashMap<u64, (usize, u32)>,
+}
+
+impl Pins {
+    /// What keeping one more slice of allocation `gen` (of `size` bytes)
+    /// would add to the charge.
+    pub(crate) fn cost(&self, gen: u64, size: usize) -> usize {
+        if self.live.contains_key(&gen) {
+            0
+        } else {
+            size
+        }
+    }
+
+    /// One more slice of `gen` is kept; returns what that charged.
+    pub(crate) fn pin(&mut self, gen: u64, size: usize) -> usize {
+        let e = self.live.entry(gen).or_insert((size, 0));
+        e.1 += 1;
+        if e.1 == 1 {
+            e.0
+        } else {
+            0
+        }
+    }
+
+    /// One slice of `gen` is gone; returns the charge that released.
+    fn unpin(&mut self, gen: u64) -> usize {
+        match self.live.get_mut(&gen) {
+            Some((_, n)) if *n > 1 => {
+                *n -= 1;
+                0
+            }
+            Some(_) => self.live.remove(&gen).map_or(0, |(size, _)| size),
+            None => 0,
+        }
+    }
+
+    fn release(&mut self, held: Held) -> usize {
+        match held {
+            Held::Copy(n) => n,
+            Held::Pin(gen) => self.unpin(gen),
+        }
+    }
+}
+
 /// Per-stream state, kept in the session's table while either side may
 /// still act on the stream.
 #[derive(Default)]
 pub(crate) struct StreamState {
     /// Received data not yet read: slices of the connection's read buffer
-    /// (each with the memory it is charged for: the whole buffer it may
-    /// keep alive), then `tail`.
-    recv: VecDeque<(Bytes, usize)>,
-    /// Memory charged to the session's budget for `recv` and `tail`.
-    charged: usize,
+    /// and older copies (each with what it is charged), then `tail`.
+    recv: VecDeque<(Bytes, Held)>,
     /// Small frames' data, copied; newer than `recv`.
     tail: BytesMut,
     /// Bytes in `recv` and `tail`.
     pub(crate) recv_buffered: usize,
     /// How much more the peer may send before we credit it.
     pub(crate) recv_window: u32,
+    /// The stream's receive window: the session's, or more once grown.
+    pub(crate) recv_max: u32,
+    /// When we last credited the peer (set only while auto tuning).
+    last_credit: Option<std::time::Instant>,
+    /// The peer's receive window for the stream, as far as we can tell:
+    /// what its SYN or ACK granted, or the largest send window since.
+    pub(crate) send_peak: u32,
+    /// Data bytes sent on the stream.
+    sent: u64,
     /// Read since the last window update we sent.
     recv_consumed: u32,
     /// How much more we may send.
@@ -49,7 +118,9 @@ impl StreamState {
     pub(crate) fn new(send_window: u32, recv_window: u32) -> Self {
         StreamState {
             send_window,
+            send_peak: send_window,
             recv_window,
+            recv_max: recv_window,
             ..Default::default()
         }
     }
@@ -69,9 +140,28 @@ impl StreamState {
         Ok(())
     }
 
-    /// Adds a window update from the peer; `Err` on overflow.
-    pub(crate) fn credit_send(&mut self, delta: u32, wake: &mut Vec<Waker>) -> Result<(), ()> {
+    /// Takes `n` bytes of the send window for a data frame.
+    pub(crate) fn take_send_window(&mut self, n: u32) {
+        self.send_window -= n;
+        self.sent += u64::from(n);
+    }
+
+    /// Adds a window update from the peer (`opening`: it carries the
+    /// stream's SYN or ACK, so it grants the window before any credit for
+    /// data); `Err` on overflow.
+    pub(crate) fn credit_send(
+        &mut self,
+        delta: u32,
+        opening: bool,
+        wake: &mut Vec<Waker>,
+    ) -> Result<(), ()> {
         self.send_window = self.send_window.checked_add(delta).ok_or(())?;
+        let granted = if opening {
+            u32::try_from(u64::from(self.send_window) + self.sent).unwrap_or(u32::MAX)
+        } else {
+            self.send_window
+        };
+        self.send_peak = self.send_peak.max(granted);
         if delta > 0 {
             wake.extend(self.write_waker.take());
         }
@@ -82,38 +172,36 @@ impl StreamState {
     pub(crate) fn push_copy(&mut self, data: &[u8], wake: &mut Vec<Waker>) {
         self.tail.extend_from_slice(data);
         self.recv_buffered += data.len();
-        self.charged += data.len();
         wake.extend(self.read_waker.take());
     }
 
-    /// Buffers a frame's data as a slice of the read buffer, charged
-    /// `charge` bytes (at least its length).
-    pub(crate) fn push_slice(&mut self, data: Bytes, charge: usize, wake: &mut Vec<Waker>) {
+    /// Buffers a frame's data as a slice of read buffer allocation `gen`
+    /// (the caller has pinned it in the session's [`Pins`]).
+    pub(crate) fn push_slice(&mut self, data: Bytes, gen: u64, wake: &mut Vec<Waker>) {
         if !self.tail.is_empty() {
             let t = self.tail.split().freeze();
             let n = t.len();
-            self.recv.push_back((t, n));
+            self.recv.push_back((t, Held::Copy(n)));
         }
         self.recv_buffered += data.len();
-        self.charged += charge;
-        self.recv.push_back((data, charge));
+        self.recv.push_back((data, Held::Pin(gen)));
         wake.extend(self.read_waker.take());
     }
 
     /// Copies buffered data into `buf`; returns how many bytes, and how
     /// much of the charge that released.
-    pub(crate) fn read_into(&mut self, buf: &mut ReadBuf<'_>) -> (usize, usize) {
+    pub(crate) fn read_into(&mut self, buf: &mut ReadBuf<'_>, pins: &mut Pins) -> (usize, usize) {
         let mut n = 0;
         let mut freed = 0;
         while buf.remaining() > 0 {
-            let Some((front, charge)) = self.recv.front_mut() else {
+            let Some((front, held)) = self.recv.front_mut() else {
                 break;
             };
             let k = front.len().min(buf.remaining());
             buf.put_slice(&front[..k]);
             front.advance(k);
             if front.is_empty() {
-                freed += *charge;
+                freed += pins.release(*held);
                 self.recv.pop_front();
             }
             n += k;
@@ -131,27 +219,50 @@ impl StreamState {
         }
         self.recv_buffered -= n;
         self.recv_consumed += n as u32;
-        self.charged -= freed;
         (n, freed)
     }
 
     /// The window credit to send back after a read, once half the window
-    /// was read (none once the peer's half is closed).
-    pub(crate) fn take_credit(&mut self, window: u32) -> Option<u32> {
-        if self.remote_closed || self.recv_consumed < window / 2 {
+    /// was read (none once the peer's half is closed), and how much of it
+    /// is growth of the window. `grow` is `(rtt, largest window, room)`
+    /// when the window may grow: it doubles (within the largest window and
+    /// the room) when half of it was read within two round trips.
+    pub(crate) fn take_credit(
+        &mut self,
+        grow: Option<(std::time::Duration, u32, usize)>,
+    ) -> Option<(u32, u32)> {
+        if self.remote_closed || self.recv_consumed < self.recv_max / 2 {
             return None;
         }
-        let delta = std::mem::take(&mut self.recv_consumed);
+        let mut extra = 0;
+        if let Some((rtt, largest, room)) = grow {
+            let now = std::time::Instant::now();
+            if let Some(last) = self.last_credit {
+                if now.duration_since(last) < rtt * 2 {
+                    let room = u32::try_from(room).unwrap_or(u32::MAX);
+                    extra = self
+                        .recv_max
+                        .min(largest.saturating_sub(self.recv_max))
+                        .min(room);
+                }
+            }
+            self.last_credit = Some(now);
+        }
+        let delta = std::mem::take(&mut self.recv_consumed) + extra;
         self.recv_window += delta;
-        Some(delta)
+        self.recv_max += extra;
+        Some((delta, extra))
     }
 
     /// Drops every buffered byte; returns the charge that released.
-    pub(crate) fn discard(&mut self) -> usize {
-        self.recv.clear();
+    pub(crate) fn discard(&mut self, pins: &mut Pins) -> usize {
+        let mut freed = self.tail.len();
+        for (_, held) in self.recv.drain(..) {
+            freed += pins.release(held);
+        }
         self.tail = BytesMut::new();
         self.recv_buffered = 0;
-        std::mem::take(&mut self.charged)
+        freed
     }
 
     /// Marks the stream reset and wakes its reader and writer.
@@ -172,11 +283,11 @@ impl StreamState {
     }
 
     /// The handle is gone: nobody reads or writes any more.
-    pub(crate) fn detach(&mut self) -> usize {
+    pub(crate) fn detach(&mut self, pins: &mut Pins) -> usize {
         self.detached = true;
         self.read_waker = None;
         self.write_waker = None;
-        self.discard()
+        self.discard(pins)
     }
 
     pub(crate) fn wait_read(&mut self, cx: &Context<'_>) {

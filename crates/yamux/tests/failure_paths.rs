@@ -422,6 +422,76 @@ async fn buffered_bytes_stay_within_the_budget() {
     }
 }
 
+#[tokio::test]
+async fn a_full_budget_resets_the_unread_stream_not_the_one_being_read() {
+    let budget = 2 * 1024 * 1024;
+    let window = 1024 * 1024;
+    let cfg = quiet(window)
+        .with_max_buffered(budget)
+        .with_accept_backlog(16);
+    let (mut peer, mut side) = raw_pair(cfg, Mode::Server).await;
+    // Stream 1 is read as it arrives; streams 3, 5 and 7 never are.
+    peer.send(W, SYN, 1, 0).await;
+    let mut read = within("accept", side.incoming.accept()).await.unwrap();
+    let mut unread = Vec::new();
+    for id in [3u32, 5, 7] {
+        peer.send(W, SYN, id, 0).await;
+        unread.push(within("accept", side.incoming.accept()).await.unwrap());
+    }
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match read.read(&mut buf).await {
+                Ok(0) => return Ok(got),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => return Err(stream_error(&e)),
+            }
+        }
+    });
+    // The unread streams fill the budget (three windows for a budget of
+    // two), then the read stream's data arrives, a window's worth.
+    for id in [3u32, 5, 7] {
+        for _ in 0..16 {
+            peer.send_data(0, id, &vec![id as u8; 64 * 1024]).await;
+        }
+    }
+    let mut sent = Vec::new();
+    for i in 0..16u8 {
+        let chunk = vec![i; 64 * 1024];
+        peer.send_data(0, 1, &chunk).await;
+        sent.extend_from_slice(&chunk);
+    }
+    for id in [1u32, 3, 5, 7] {
+        peer.send(W, FIN, id, 0).await;
+    }
+    let got = within("read stream", reader).await.unwrap();
+    assert_eq!(got.as_deref().map(<[u8]>::len), Ok(sent.len()));
+    assert!(got.unwrap() == sent, "the read stream's bytes differ");
+    assert!(side.control.buffered_bytes() <= budget);
+    assert!(!side.control.is_closed());
+    // The unread streams paid: at least one was reset for the budget.
+    let mut reset = 0;
+    for mut s in unread {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match within("read", s.read(&mut buf)).await {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => {
+                    assert_eq!(
+                        stream_error(&e),
+                        StreamError::ResetLocally(ResetReason::BufferBudget)
+                    );
+                    reset += 1;
+                    break;
+                }
+            }
+        }
+    }
+    assert!(reset >= 1, "no unread stream was reset");
+}
+
 // ---------------------------------------------------------------------------
 // Settings.
 

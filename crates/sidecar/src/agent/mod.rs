@@ -18,7 +18,7 @@ use crate::{
 pub mod drain;
 pub mod isolate;
 pub mod probe;
-mod token;
+pub(crate) mod token;
 
 use isolate::PerConnection;
 

@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use tonic::metadata::{Ascii, MetadataValue};
 
 /// Reads the token: the file's content without surrounding whitespace.
-pub(super) fn read(path: &Path) -> anyhow::Result<String> {
+pub(crate) fn read(path: &Path) -> anyhow::Result<String> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("--token-file: reading {}", path.display()))?;
     let t = text.trim();
@@ -26,7 +26,7 @@ pub(super) fn read(path: &Path) -> anyhow::Result<String> {
 }
 
 /// The `authorization` metadata value for `token`.
-pub(super) fn header_value(token: &str) -> anyhow::Result<MetadataValue<Ascii>> {
+pub(crate) fn header_value(token: &str) -> anyhow::Result<MetadataValue<Ascii>> {
     let mut v: MetadataValue<Ascii> = format!("Bearer {token}")
         .parse()
         .context("--token-file: the token is not a valid metadata value")?;
@@ -36,7 +36,7 @@ pub(super) fn header_value(token: &str) -> anyhow::Result<MetadataValue<Ascii>> 
 
 /// Refuses to send a token in plaintext to a hub that is not on loopback or
 /// a Unix socket.
-pub(super) fn check_transport(hub: &Target, tls: bool) -> anyhow::Result<()> {
+pub(crate) fn check_transport(hub: &Target, tls: bool) -> anyhow::Result<()> {
     let Some(host) = hub.host().filter(|_| !tls) else {
         return Ok(()); // TLS, or a Unix socket
     };

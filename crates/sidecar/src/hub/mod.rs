@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod drain;
 pub mod fate;
 pub mod flags;
+pub mod flow;
 pub mod identity;
 pub mod isolation;
 pub mod limits;
@@ -114,7 +115,7 @@ impl Default for HubConfig {
 }
 
 /// The buffer budget of each agent's session on the hub.
-const HUB_SESSION_BUFFER: usize = 256 << 20;
+const HUB_SESSION_BUFFER: usize = 64 << 20;
 
 /// A running hub.
 pub struct Hub {
@@ -292,6 +293,7 @@ impl Hub {
                 let mut registry = prometheus_client::registry::Registry::default();
                 state.metrics.register(&mut registry);
                 registry.register_collector(Box::new(state::StateCollector(state.clone())));
+                registry.register_collector(Box::new(flow::FlowCollector(state.clone())));
                 registry.register_collector(Box::new(metrics::MuxCollector(vec![stats.clone()])));
                 Some(tokio::spawn(metrics::serve(l, Arc::new(registry))))
             }

@@ -337,12 +337,23 @@ impl HubState {
         self.tables().peers.get(&id).map(|e| e.identity.clone())
     }
 
-    /// All peers, in ID order.
+    /// All peers, in ID order, with their sessions' flow.
     pub fn list(&self) -> Vec<Peer> {
-        let t = self.tables();
-        let mut v: Vec<Peer> = t.peers.values().map(to_pb).collect();
+        let mut v: Vec<Peer> = self.tables().peers.values().map(to_pb).collect();
         v.sort_by_key(|p| p.id);
+        for p in &mut v {
+            p.flow = crate::hub::flow::of(self.registry(), p.id);
+        }
         v
+    }
+
+    /// Every peer's ID and name (empty until it announces).
+    pub fn list_plain(&self) -> Vec<(u64, String)> {
+        let t = self.tables();
+        t.peers
+            .values()
+            .map(|e| (e.info.id.get(), e.name.clone()))
+            .collect()
     }
 
     /// How long calls in flight on a superseded session may run before it
@@ -517,6 +528,7 @@ fn to_pb(e: &Entry) -> Peer {
         generation: e.generation,
         identity: e.identity.clone(),
         hub_id: String::new(),
+        flow: None,
     }
 }
 

@@ -44,11 +44,13 @@ pub async fn tcp_pair() -> (TcpStream, TcpStream) {
         .expect("loopback TCP pair")
 }
 
-/// Settings for tests: no keepalive (so no pings show up unasked).
+/// Settings for tests: no keepalive and no RTT probe (so no pings show up
+/// unasked).
 pub fn quiet(window: u32) -> Config {
     Config::default()
         .with_max_stream_window(window)
         .with_keepalive(None)
+        .with_rtt_probe(false)
 }
 
 /// One side of a session under test.
