@@ -15,6 +15,8 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+// Parsed once at start: the size of the hub's flags does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Start a server and a client on loopback and show forward calls, reverse
     /// calls and a plain gRPC client sharing the port; then a hub, an agent and

@@ -887,3 +887,66 @@ async fn sigterm_drain_moves_agents_without_failing_calls() {
     println!("SIGTERM drain: in-flight calls finished; agent reachable again {total:?} after SIGTERM (last wait {back:?})");
     ag.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hops_over_tls() {
+    let redis = Redis::start().await;
+    let tok = token_file();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = backchannel_testkit::pki::Pki::new(dir.path());
+    let mut hubs = Vec::new();
+    for id in ["a", "b"] {
+        let mut c = cluster_cfg(&redis, id, &tok, "t7");
+        c.advertise = "localhost:0".into();
+        c.tls_ca = Some(pki.ca.clone());
+        hubs.push(
+            Hub::start(HubConfig {
+                cluster: Some(c),
+                tls_cert: Some(pki.server_cert.clone()),
+                tls_key: Some(pki.server_key.clone()),
+                ..Default::default()
+            })
+            .await
+            .unwrap(),
+        );
+    }
+    let s = private_service("svc").await;
+    let mut cfg = AgentConfig::new(hubs[0].addr.unwrap().to_string(), "tls-agent", &s.addr);
+    cfg.tls_ca = Some(pki.ca.clone());
+    cfg.tls_server_name = Some("localhost".into());
+    let ag = Agent::start(cfg).unwrap();
+    ag.wait_sessions(1, T).await.unwrap();
+    let ca = std::fs::read_to_string(&pki.ca).unwrap();
+    let ch = Channel::from_shared(format!(
+        "https://localhost:{}",
+        hubs[1].addr.unwrap().port()
+    ))
+    .unwrap()
+    .tls_config(
+        tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+            .domain_name("localhost"),
+    )
+    .unwrap()
+    .connect()
+    .await
+    .unwrap();
+    until_reachable(&ch, "tls-agent").await;
+    let r = EchoClient::new(ch.clone())
+        .unary(to("tls-agent", "x"))
+        .await
+        .unwrap();
+    assert_eq!(r.get_ref().server, "svc");
+    // Over TLS too, a hop without the cluster token is refused.
+    let mut req = to("tls-agent", "x");
+    req.metadata_mut()
+        .insert("backchannel-hop", "a".parse().unwrap());
+    req.metadata_mut()
+        .insert("backchannel-caller", "x".parse().unwrap());
+    let err = EchoClient::new(ch).unary(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    ag.stop().await;
+    for h in hubs {
+        h.shutdown().await;
+    }
+}

@@ -270,3 +270,44 @@ async fn reconnect_ends_the_session_and_dials_a_new_one() {
     let second = server.last().peer.expect("a multiplexed caller");
     assert!(second > first, "{second} after {first}");
 }
+
+#[tokio::test]
+async fn several_servers_are_dialled_in_turn() {
+    // A port nothing listens on, then two live servers.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let s1 = TestServer::tcp().await;
+    let s2 = TestServer::tcp().await;
+    let addrs = [dead, s1.addr, s2.addr].map(|a| a.to_string());
+    let client = ClientBuilder::new()
+        .backoff(fast_backoff())
+        .reconnecting_tcp_any(&addrs, health_routes(Log::default(), false))
+        .unwrap();
+    let mut events = client.subscribe();
+    let first = next_event(&mut events, connected).await;
+    assert!(
+        matches!(first, ConnectionEvent::Connected { remote_addr: Some(a), .. } if a == s1.addr),
+        "{first:?}"
+    );
+    assert_eq!(reverse_call(&s1).await, ServingStatus::Serving);
+    // s1 drops the session: the next dial goes to s2.
+    let peer = s1.first_peer().await;
+    s1.registry.close(peer);
+    let second = next_event(&mut events, connected).await;
+    assert!(
+        matches!(second, ConnectionEvent::Connected { remote_addr: Some(a), .. } if a == s2.addr),
+        "{second:?}"
+    );
+    assert_eq!(reverse_call(&s2).await, ServingStatus::Serving);
+    assert_eq!(
+        check(client.channel()).await.unwrap(),
+        ServingStatus::Serving
+    );
+    // No server address at all is an error, not a client that never dials.
+    let none: [&str; 0] = [];
+    assert!(ClientBuilder::new()
+        .reconnecting_tcp_any(&none, health_routes(Log::default(), false))
+        .is_err());
+}

@@ -254,6 +254,9 @@ impl Hub {
         let cluster = match &cfg.cluster {
             Some(c) => {
                 let mut c = c.clone();
+                if let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) {
+                    c.tls_client = Some((cert.clone(), key.clone()));
+                }
                 if let (Some(a), Some(host)) =
                     (addr, c.advertise.strip_suffix(":0").map(str::to_string))
                 {
@@ -620,6 +623,10 @@ pub struct HubArgs {
         requires = "cluster"
     )]
     pub cluster_namespace: String,
+    /// Hops to the other hubs over TLS, verifying them with this CA (PEM);
+    /// this hub's --tls-cert/--tls-key is its client certificate.
+    #[arg(long, value_name = "FILE", requires = "cluster")]
+    pub cluster_tls_ca: Option<PathBuf>,
 }
 
 impl HubArgs {
@@ -653,6 +660,7 @@ impl HubArgs {
                 c.token_file = self.cluster_token_file;
                 c.hub_identities = self.cluster_hub_identities;
                 c.namespace = self.cluster_namespace;
+                c.tls_ca = self.cluster_tls_ca;
                 c
             }),
         }

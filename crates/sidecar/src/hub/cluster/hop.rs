@@ -150,10 +150,24 @@ impl HopAuth {
     }
 }
 
-/// One lazily connected channel per hub address.
+/// One lazily connected channel per hub address (over TLS when the
+/// cluster has a CA for its hubs).
 #[derive(Default)]
 pub struct Channels {
     by_addr: Mutex<HashMap<String, Channel>>,
+    tls: Option<tokio_rustls::TlsConnector>,
+}
+
+impl Channels {
+    /// Hops over TLS, verifying the other hubs with `ca`; `client` is this
+    /// hub's certificate and key (its identity on the other hubs).
+    pub fn tls(ca: &Path, client: Option<(&Path, &Path)>) -> anyhow::Result<Channels> {
+        let cfg = crate::tls::client_config(ca, client)?;
+        Ok(Channels {
+            by_addr: Mutex::default(),
+            tls: Some(tokio_rustls::TlsConnector::from(cfg)),
+        })
+    }
 }
 
 impl std::fmt::Debug for Channels {
@@ -177,7 +191,28 @@ impl Channels {
             .keep_alive_timeout(Duration::from_secs(5))
             .initial_stream_window_size(backchannel::H2_STREAM_WINDOW)
             .initial_connection_window_size(backchannel::H2_CONNECTION_WINDOW);
-        let c = ep.connect_lazy();
+        let c = match &self.tls {
+            None => ep.connect_lazy(),
+            Some(tls) => {
+                let (tls, addr) = (tls.clone(), addr.to_string());
+                ep.connect_with_connector_lazy(tower::service_fn(move |_| {
+                    let (tls, addr) = (tls.clone(), addr.clone());
+                    async move {
+                        let host = crate::addr::Target::parse_listen(&addr)
+                            .ok()
+                            .and_then(|t| t.host().map(str::to_string))
+                            .unwrap_or_default();
+                        let name = rustls_pki_types::ServerName::try_from(host).map_err(|e| {
+                            std::io::Error::new(std::io::ErrorKind::InvalidInput, e)
+                        })?;
+                        let tcp = tokio::net::TcpStream::connect(&addr).await?;
+                        let _ = tcp.set_nodelay(true);
+                        let io = tls.connect(name, tcp).await?;
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(io))
+                    }
+                }))
+            }
+        };
         if m.len() > 1024 {
             m.clear();
         }

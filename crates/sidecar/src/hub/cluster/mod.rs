@@ -68,6 +68,11 @@ pub struct ClusterConfig {
     /// Client-certificate identities (URI or DNS SAN) of the other hubs:
     /// their hop calls are honoured without a token.
     pub hub_identities: Vec<String>,
+    /// Hops to the other hubs over TLS, verified with this CA.
+    pub tls_ca: Option<PathBuf>,
+    /// This hub's certificate and key for those hops (the hub's own
+    /// `--tls-cert`/`--tls-key`).
+    pub tls_client: Option<(PathBuf, PathBuf)>,
 }
 
 impl std::fmt::Debug for ClusterConfig {
@@ -112,6 +117,8 @@ impl ClusterConfig {
             redis_timeout: Duration::from_secs(1),
             token_file: None,
             hub_identities: Vec::new(),
+            tls_ca: None,
+            tls_client: None,
         }
     }
 }
@@ -135,7 +142,7 @@ pub struct Cluster {
     auth: hop::HopAuth,
     state: Arc<HubState>,
     held: Mutex<HashMap<String, Held>>,
-    hops: hop::Channels,
+    hops: Mutex<hop::Channels>,
     refresh: Duration,
     /// Wakes the refresh loop at once (the event feed came back).
     kick: tokio::sync::Notify,
@@ -178,7 +185,18 @@ impl Cluster {
         rc.ttl = cfg.ttl;
         rc.timeout = cfg.redis_timeout;
         let dir = backchannel_directory::RedisDirectory::start(rc)?;
-        Ok(Self::with_directory(dir, cfg, auth, state))
+        let hops = match &cfg.tls_ca {
+            Some(ca) => hop::Channels::tls(
+                ca,
+                cfg.tls_client
+                    .as_ref()
+                    .map(|(c, k)| (c.as_path(), k.as_path())),
+            )?,
+            None => hop::Channels::default(),
+        };
+        let (c, tasks) = Self::with_directory(dir, cfg, auth, state);
+        *c.hops.lock().unwrap_or_else(|e| e.into_inner()) = hops;
+        Ok((c, tasks))
     }
 
     /// Joins a cluster over any [`Directory`] (tests, embedding).
@@ -195,7 +213,7 @@ impl Cluster {
             auth,
             state,
             held: Mutex::default(),
-            hops: hop::Channels::default(),
+            hops: Mutex::default(),
             refresh: cfg.refresh,
             kick: tokio::sync::Notify::new(),
         });
@@ -344,7 +362,7 @@ impl Cluster {
                     let stale = self.held().get(&e.name).is_some_and(|h| {
                         h.entry
                             .as_ref()
-                            .map_or(true, |mine| mine.generation < e.generation)
+                            .is_none_or(|mine| mine.generation < e.generation)
                     });
                     if stale {
                         self.lost(&e.name.clone(), Some(&e));
@@ -521,7 +539,11 @@ impl Cluster {
                 headers.insert(CALLER_HEADER, v);
             }
             self.auth.stamp(headers, &self.hub_id);
-            let channel = self.hops.get(&entry.addr);
+            let channel = self
+                .hops
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&entry.addr);
             let label: Arc<str> = format!(
                 "peer '{target}' (id {} on hub '{}')",
                 entry.peer_id, entry.hub_id
