@@ -135,6 +135,7 @@ impl ClientBuilder {
         Arc::new(crate::inbound::Dispatch {
             tunnels: self.tunnels.clone(),
             sidechannels: Some(self.waiters.clone()),
+            raw: self.raw.clone(),
             sniff_timeout: self.config.handshake_timeout(),
             side: format!("server {label}").into(),
         })
@@ -391,13 +392,11 @@ impl ClientBuilder {
         let span = info_span!("backchannel_client", server = %label);
         let io = secure(io, &self.tls, self.config.handshake_timeout()).await?;
         let dispatch = self.dispatch(label);
-        let raw = self.raw.as_ref();
         let started = start_session(
             io,
             &self.config,
             &self.server,
             routes,
-            raw,
             dispatch,
             label,
             span,
@@ -530,7 +529,6 @@ pub(crate) fn start_session(
     config: &SessionConfig,
     server: &Server,
     routes: Routes,
-    raw: Option<&crate::RawStreams>,
     dispatch: Arc<crate::inbound::Dispatch>,
     label: &str,
     span: Span,
@@ -547,13 +545,9 @@ pub(crate) fn start_session(
     // Streams the server opens: sidechannels and tunnels to their handlers,
     // the rest to the raw handler when there is one, else (HTTP/2
     // connections) to the backchannel server.
-    if let Some(raw) = raw {
+    if let Some(raw) = dispatch.raw.clone() {
         let _entered = span.enter();
-        crate::inbound::serve(
-            inbound,
-            dispatch,
-            crate::inbound::Fallback::Raw(raw.clone()),
-        );
+        crate::inbound::serve(inbound, dispatch, crate::inbound::Fallback::Raw(raw));
         drop(_entered);
         return Ok(Started {
             session,

@@ -37,6 +37,9 @@ pub(crate) struct Dispatch {
     pub(crate) sidechannels: Option<Waiters>,
     /// How long a new stream may take to send its first bytes and header.
     pub(crate) sniff_timeout: Duration,
+    /// The client's handler for the other streams, instead of its gRPC
+    /// server (the client side only).
+    pub(crate) raw: Option<crate::RawStreams>,
     /// The other side, as named in tunnel errors.
     pub(crate) side: Arc<str>,
 }

@@ -469,7 +469,6 @@ async fn dial_loop(
                 &builder.config,
                 &builder.server,
                 routes.clone(),
-                builder.raw.as_ref(),
                 builder.dispatch(&label),
                 &label,
                 tracing::Span::current(),

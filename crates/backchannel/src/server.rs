@@ -221,6 +221,7 @@ async fn accept_peer(
         let dispatch = std::sync::Arc::new(crate::inbound::Dispatch {
             tunnels,
             sidechannels: None,
+            raw: None,
             sniff_timeout: config.handshake_timeout(),
             side: format!("peer {id}").into(),
         });
