@@ -16,7 +16,7 @@ use std::time::Duration;
 /// | `write_timeout` | 10 s | 10 s | yamux's safety valve for a connection that stops draining |
 /// | `handshake_timeout` | 10 s | 10 s | server: how long a client may take to open stream 1 and send the HTTP/2 preface and SETTINGS on it (only then is it a peer); client: how long the connect and stream 1 may take |
 /// | `max_auto_window` | 16 MiB | 16 MiB | a stream whose window is what limits it (half of it read within two round trips) gets a larger one, up to this, within a quarter of the buffer budget: long round trips do not cap a stream at 4 MiB per RTT |
-/// | `max_buffered` | 64 MiB | 64 MiB | sixteen 4 MiB windows left unread at once; past it the stream holding the most unread data is reset |
+/// | `max_buffered` | 256 MiB | 256 MiB | what a peer may make the session hold for readers: windows are granted per stream, not against this budget, so it must cover the streams a healthy session runs at once (a hundred busy tunnels hold a hundred windows); past it the stream holding the most unread data is reset |
 /// | `max_streams` | 1024 | 256 | server: reverse-channel streams it may open; client: each server-opened stream is an HTTP/2 connection with its own buffers, so a server is not allowed thousands |
 ///
 /// ```
@@ -59,10 +59,10 @@ impl SessionConfig {
             max_streams: 1024,
             handshake_timeout: Duration::from_secs(10),
             stream_close_timeout: backchannel_yamux::Config::default().stream_close_timeout(),
-            // Sixteen 4 MiB windows left unread at once, with the read
-            // buffers they pin; past it the stream holding the most unread
-            // data is reset.
-            max_buffered: 64 << 20,
+            // Windows are granted per stream, not against the budget: it
+            // must cover the windows of the streams a healthy session runs
+            // at once (see the table above).
+            max_buffered: 256 << 20,
             max_auto_window: 16 << 20,
         }
     }
@@ -158,7 +158,7 @@ impl SessionConfig {
     }
 
     /// Most bytes the session holds for its streams' readers, whatever the
-    /// peer sends (64 MiB); past it, the stream holding the most unread data
+    /// peer sends (256 MiB); past it, the stream holding the most unread data
     /// is reset.
     pub fn max_buffered(&self) -> usize {
         self.max_buffered

@@ -115,7 +115,7 @@ impl Default for HubConfig {
 }
 
 /// The buffer budget of each agent's session on the hub.
-const HUB_SESSION_BUFFER: usize = 64 << 20;
+const HUB_SESSION_BUFFER: usize = 256 << 20;
 
 /// A running hub.
 pub struct Hub {
