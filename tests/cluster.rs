@@ -587,7 +587,11 @@ async fn same_name_on_two_hubs_one_wins() {
         ("on-b", &cb, &ca, ga)
     };
     assert!(lost.is_closed(), "the loser's session is closed");
-    assert!(!won.is_closed(), "the winner's session stays");
+    assert!(
+        !won.is_closed(),
+        "the winner's session stays: lost closed {}, entry {cur:?}, ga {ga:?} gb {gb:?}",
+        lost.is_closed()
+    );
     let gen_w = cur.generation;
     if let Some(g) = gen_l {
         assert!(gen_w > g, "the generation grows: {g} then {gen_w}");

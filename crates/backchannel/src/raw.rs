@@ -16,7 +16,10 @@ use crate::{inbound::InboundStream, ClientBuilder};
 ///
 /// The handler is called once per stream, on the stream's task: it must
 /// not block (spawn a task for the stream's work). Dropping the stream
-/// resets it.
+/// resets it. Streams are told apart by their first bytes, so the opener
+/// must speak first (HTTP/2 does: its preface): a stream that sends nothing
+/// within the session's handshake timeout, or closes before its first
+/// byte, is closed without reaching the handler.
 ///
 /// ```
 /// let raw = backchannel::RawStreams::new(|stream: backchannel::InboundStream| {
@@ -40,7 +43,8 @@ impl std::fmt::Debug for RawStreams {
 }
 
 impl RawStreams {
-    /// Calls `handler` with every stream the server opens.
+    /// Calls `handler` with every stream the server opens that is not a
+    /// sidechannel or a tunnel.
     pub fn new(handler: impl Fn(InboundStream) + Send + Sync + 'static) -> Self {
         RawStreams {
             handler: Arc::new(handler),

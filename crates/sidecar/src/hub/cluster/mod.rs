@@ -359,10 +359,15 @@ impl Cluster {
         loop {
             match rx.recv().await {
                 Ok(Event::Claimed(e)) if e.hub_id != self.hub_id => {
+                    // A name whose claim is still in flight (no entry yet)
+                    // is not judged on an event: the claim's answer (fenced
+                    // in Redis) or the next refresh says who holds it. An
+                    // older claim's event arriving after ours went through
+                    // must not retire the winner.
                     let stale = self.held().get(&e.name).is_some_and(|h| {
                         h.entry
                             .as_ref()
-                            .is_none_or(|mine| mine.generation < e.generation)
+                            .is_some_and(|mine| mine.generation < e.generation)
                     });
                     if stale {
                         self.lost(&e.name.clone(), Some(&e));
