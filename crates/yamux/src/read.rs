@@ -280,11 +280,17 @@ impl<T: AsyncRead> ReadSide<T> {
                         buffered = inner.buffered,
                         "yamux receive buffer budget exhausted; resetting the stream with the most unread data"
                     );
+                    let before = inner.buffered;
                     inner.reset_stream(
                         v,
                         StreamError::ResetLocally(ResetReason::BufferBudget),
                         wake,
                     );
+                    if inner.buffered == before {
+                        // Its slices share read buffers that others keep
+                        // alive: resetting more streams would free as little.
+                        break;
+                    }
                 }
                 _ => break,
             }
