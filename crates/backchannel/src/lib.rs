@@ -68,6 +68,7 @@ pub use authority::rewrite_header_block;
 pub use authority::AuthorityFix;
 /// A session's flow statistics: round-trip time, windows, bytes in flight
 /// (see [`Registry::session_stats`], [`Client::session_stats`]).
+pub use backchannel_yamux::ResetHandle;
 pub use backchannel_yamux::Stats as SessionStats;
 pub use channel::PeerChannel;
 pub use client::{Client, ClientBuilder, InboundInfo};

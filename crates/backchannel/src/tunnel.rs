@@ -63,11 +63,53 @@ pub const DEFAULT_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// assert_eq!(req.service(), "ssh");
 /// assert_eq!(req.metadata("peer"), Some("box"));
 /// ```
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct TunnelRequest {
     service: String,
     metadata: Vec<(String, String)>,
     timeout: Duration,
+}
+
+/// Whether a metadata key's value is a credential, never to be printed.
+fn is_secret_key(key: &str) -> bool {
+    key == "authorization"
+        || ["token", "secret", "password", "cookie", "key"]
+            .iter()
+            .any(|w| key.contains(w))
+}
+
+/// Prints metadata values except credentials (`authorization`, keys naming
+/// a token, secret, password, cookie or key), which show as `<redacted>`.
+///
+/// ```
+/// let req = backchannel::TunnelRequest::new("ssh")
+///     .with_metadata("peer", "box")
+///     .with_metadata("authorization", "Bearer s3cr3t");
+/// let s = format!("{req:?}");
+/// assert!(s.contains("box") && !s.contains("s3cr3t"));
+/// ```
+impl std::fmt::Debug for TunnelRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        struct Meta<'a>(&'a [(String, String)]);
+        impl std::fmt::Debug for Meta<'_> {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                let mut m = f.debug_map();
+                for (k, v) in self.0 {
+                    if is_secret_key(k) {
+                        m.entry(k, &"<redacted>");
+                    } else {
+                        m.entry(k, v);
+                    }
+                }
+                m.finish()
+            }
+        }
+        f.debug_struct("TunnelRequest")
+            .field("service", &self.service)
+            .field("metadata", &Meta(&self.metadata))
+            .field("timeout", &self.timeout)
+            .finish()
+    }
 }
 
 impl TunnelRequest {
