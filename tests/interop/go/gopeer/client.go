@@ -261,7 +261,7 @@ func runScenario(cc *grpc.ClientConn, name string, waiters *sideWaiters, sc stri
 		logf("reverse-bench %s: client wall time %v", arg, time.Since(start))
 		return reply, nil // the server's reply verbatim: "OK up=<n> down=<n> ms=<elapsed>"
 
-	case "sidechannel", "sidechannel-unknown", "sidechannel-noflush":
+	case "sidechannel", "sidechannel-unknown", "sidechannel-noflush", "sidechannel-framing", "sidechannel-badpkt":
 		if waiters == nil {
 			return "", errors.New("sidechannels need a multiplexed client")
 		}

@@ -125,13 +125,14 @@ func recvStream(r io.Reader, seed uint64) (uint64, error) {
 // ---------- pkt-line framing (client -> server) ----------
 
 // pktWriter frames everything written to it as pkt-lines; CloseWrite sends the flush
-// packet. Packets are batched in a buffer so that several go out in one yamux frame.
+// packet. Each packet's header and payload are separate writes, so a peer reads them in
+// separate yamux frames (a 4-byte frame, then up to 65516 bytes).
 type pktWriter struct {
-	bw     *bufio.Writer
+	w      io.Writer
 	closed bool
 }
 
-func newPktWriter(w io.Writer) *pktWriter { return &pktWriter{bw: bufio.NewWriterSize(w, 256<<10)} }
+func newPktWriter(w io.Writer) *pktWriter { return &pktWriter{w: w} }
 
 func (p *pktWriter) Write(b []byte) (int, error) {
 	if p.closed {
@@ -143,10 +144,10 @@ func (p *pktWriter) Write(b []byte) (int, error) {
 		if n > maxPktLen-4 {
 			n = maxPktLen - 4
 		}
-		if _, err := fmt.Fprintf(p.bw, "%04x", n+4); err != nil {
+		if _, err := fmt.Fprintf(p.w, "%04x", n+4); err != nil {
 			return written, err
 		}
-		if _, err := p.bw.Write(b[:n]); err != nil {
+		if _, err := p.w.Write(b[:n]); err != nil {
 			return written, err
 		}
 		written += n
@@ -155,19 +156,14 @@ func (p *pktWriter) Write(b []byte) (int, error) {
 	return written, nil
 }
 
-// Flush sends what is buffered.
-func (p *pktWriter) Flush() error { return p.bw.Flush() }
-
 // CloseWrite sends the flush packet "0000": the server reads EOF.
 func (p *pktWriter) CloseWrite() error {
 	if p.closed {
 		return nil
 	}
 	p.closed = true
-	if _, err := p.bw.WriteString("0000"); err != nil {
-		return err
-	}
-	return p.bw.Flush()
+	_, err := io.WriteString(p.w, "0000")
+	return err
 }
 
 // pktReader unframes pkt-lines up to the flush packet, then returns io.EOF. A stream that
@@ -383,7 +379,8 @@ func sidechannelCall(ctx context.Context, waiters *sideWaiters, call func(contex
 // ---------- client scenarios against a server whose Bench.Echo opens the sidechannel ----------
 
 // runSidechannelScenario runs the client side of "sidechannel:<up>:<down>",
-// "sidechannel-unknown" and "sidechannel-noflush". The server's Bench.Echo takes the
+// "sidechannel-unknown", "sidechannel-noflush", "sidechannel-framing" and
+// "sidechannel-badpkt". The server's Bench.Echo takes the
 // number of bytes to send back as its decimal payload and answers the number of bytes it
 // received (checked as stream 1); the client sends stream 1 and checks stream 2.
 func runSidechannelScenario(ctx context.Context, cc *grpc.ClientConn, waiters *sideWaiters, kind, arg string) (string, error) {
@@ -422,6 +419,40 @@ func runSidechannelScenario(ctx context.Context, cc *grpc.ClientConn, waiters *s
 		st, _ := status.FromError(err)
 		return fmt.Sprintf("code=%s msg=%q", st.Code(), st.Message()), nil
 
+	case "sidechannel-framing", "sidechannel-badpkt":
+		// Hand-made pkt-lines, one write (one yamux frame) each. framing: a header split
+		// across two frames, an empty packet "0004", an upper-case header, then the flush
+		// packet: the server must read the 12 payload bytes. badpkt: "0001" (a pkt-line
+		// delimiter, not data): the server must fail.
+		p := streamSlice(1, 0, 12)
+		parts := []string{"00", "0a", string(p[:6]), "0004", "000A", string(p[6:]), "0000"}
+		if kind == "sidechannel-badpkt" {
+			parts = []string{"0001"}
+		}
+		reply := &Payload{}
+		err := sidechannelCall(ctx, waiters,
+			func(ctx context.Context) error { return echo(ctx, "0", reply) },
+			func(c net.Conn) error {
+				for _, part := range parts {
+					if _, err := io.WriteString(c, part); err != nil {
+						return err
+					}
+				}
+				_, err := io.Copy(io.Discard, c)
+				return err
+			})
+		if kind == "sidechannel-badpkt" {
+			if err == nil {
+				return "", fmt.Errorf("the call succeeded (reply %q) although we sent 0001", reply.Data)
+			}
+			st, _ := status.FromError(err)
+			return fmt.Sprintf("code=%s msg=%q", st.Code(), st.Message()), nil
+		}
+		if err != nil {
+			return "", err
+		}
+		return fmt.Sprintf("up=%s", reply.Data), nil
+
 	case "sidechannel-noflush":
 		// We send one packet and close the stream without the flush packet: the server's
 		// reader must see an unexpected EOF and its handler fail.
@@ -431,9 +462,6 @@ func runSidechannelScenario(ctx context.Context, cc *grpc.ClientConn, waiters *s
 			func(c net.Conn) error {
 				w := newPktWriter(c)
 				if _, err := w.Write(streamSlice(1, 0, 1000)); err != nil {
-					return err
-				}
-				if err := w.Flush(); err != nil {
 					return err
 				}
 				got = 1000
@@ -513,12 +541,15 @@ func openSidechannel(ctx context.Context, session *yamux.Session) (net.Conn, err
 		return nil, status.Errorf(codes.Unavailable, "sidechannel: opening a stream: %v", err)
 	}
 	c.SetDeadline(time.Now().Add(sidechannelTimeout))
-	hello := make([]byte, 0, len(sidechannelMagic)+8)
-	hello = append(hello, sidechannelMagic...)
-	hello = binary.BigEndian.AppendUint64(hello, uint64(id))
-	if _, err := c.Write(hello); err != nil {
-		c.Close()
-		return nil, status.Errorf(codes.Unavailable, "sidechannel %d: writing the hello: %v", id, err)
+	// The magic and the ID go out as two writes (two yamux frames): the client must not
+	// expect them in one.
+	var idBytes [8]byte
+	binary.BigEndian.PutUint64(idBytes[:], uint64(id))
+	for _, part := range [][]byte{[]byte(sidechannelMagic), idBytes[:]} {
+		if _, err := c.Write(part); err != nil {
+			c.Close()
+			return nil, status.Errorf(codes.Unavailable, "sidechannel %d: writing the hello: %v", id, err)
+		}
 	}
 	var ok [2]byte
 	n, err := io.ReadFull(c, ok[:])
