@@ -9,7 +9,7 @@
 //! * `BACKCHANNEL_SKIP_INTEROP=1`: when Go is not installed (and no fresh
 //!   gopeer binary exists), skip instead of failing.
 //! * `BACKCHANNEL_INTEROP_BENCH_BYTES`: bytes per direction of the big
-//!   transfers (default 256 MiB).
+//!   transfers and sidechannel exchanges (default 256 MiB).
 
 mod common;
 
@@ -1099,7 +1099,8 @@ impl SideServer {
             .build()
             .incoming(listener);
         let (tx, seen) = mpsc::unbounded_channel();
-        let routes = tonic::service::Routes::new(BenchServer::new(SideBench { registry, seen: tx }));
+        let routes =
+            tonic::service::Routes::new(BenchServer::new(SideBench { registry, seen: tx }));
         let task = tokio::spawn(async move {
             let _ = listenmux::server_builder()
                 .add_routes(routes)
@@ -1123,7 +1124,9 @@ impl SideServer {
 /// once, both sides checking every byte and the length; then an ID the Go
 /// client never registered (it closes the stream: our open is refused), a
 /// Go client that closes without the flush packet (our reader: unexpected
-/// EOF), and an empty exchange (just the flush packet and the close).
+/// EOF), hand-made pkt-lines (split headers, an empty and an upper-case
+/// packet are data; `0001` is invalid), and an empty exchange (just the
+/// flush packet and the close).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sidechannel_go_client_to_rust_server() {
     let Some(bin) = gopeer() else { return };
@@ -1134,6 +1137,8 @@ async fn sidechannel_go_client_to_rust_server() {
         big.as_str(),
         "sidechannel-unknown",
         "sidechannel-noflush",
+        "sidechannel-framing",
+        "sidechannel-badpkt",
         "sidechannel:0:0",
     ];
     let run = scenarios.join(",");
@@ -1171,6 +1176,21 @@ async fn sidechannel_go_client_to_rust_server() {
     let noflush = &ok["sidechannel-noflush"];
     assert_eq!(field(noflush, "code"), Some("DataLoss"), "{noflush}");
     assert!(noflush.contains("UnexpectedEof"), "{noflush}");
+    // Odd but valid framing (a header split across frames, an empty packet,
+    // an upper-case header): all 12 payload bytes arrive.
+    match srv.next_seen().await {
+        SideSeen::Done { up, down } => assert_eq!((up, down), (12, 0)),
+        other => panic!("framing: {other:?}"),
+    }
+    assert_eq!(field(&ok["sidechannel-framing"], "up"), Some("12"));
+    // A delimiter packet 0001 is not data: invalid.
+    match srv.next_seen().await {
+        SideSeen::Failed(e) => assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}"),
+        other => panic!("0001: {other:?}"),
+    }
+    let bad = &ok["sidechannel-badpkt"];
+    assert_eq!(field(bad, "code"), Some("DataLoss"), "{bad}");
+    assert!(bad.contains("InvalidData"), "{bad}");
     // Empty both ways.
     match srv.next_seen().await {
         SideSeen::Done { up, down } => assert_eq!((up, down), (0, 0)),
@@ -1209,7 +1229,9 @@ where
         side = waiter.accept() => side.expect("the Go server opens the sidechannel"),
         r = &mut call => panic!("the call ended before its sidechannel opened: {r:?}"),
     };
-    exchange(side).await;
+    tokio::time::timeout(Duration::from_secs(120), exchange(side))
+        .await
+        .expect("the sidechannel exchange ends");
     let r = tokio::time::timeout(Duration::from_secs(60), call)
         .await
         .expect("the call ends")
@@ -1241,9 +1263,10 @@ async fn sidechannel_rust_client_to_go_server() {
             send_stream(&mut w, 1, total).await?;
             w.shutdown().await // the flush packet
         };
-        let (up, down) = tokio::join!(up, recv_checked(&mut r, 2));
-        up.expect("sending to the Go server");
-        assert_eq!(down.expect("reading the Go server's bytes"), total);
+        // A failure either way ends both (the Go side stops reading when it fails).
+        let ((), down) = tokio::try_join!(up, recv_checked(&mut r, 2))
+            .expect("the sidechannel exchange with the Go server");
+        assert_eq!(down, total);
     })
     .await
     .unwrap_or_else(|s| panic!("sidechannel call: {s:?}\nGo log:\n{}", go.log()));
