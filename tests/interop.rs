@@ -9,20 +9,23 @@
 //! * `BACKCHANNEL_SKIP_INTEROP=1`: when Go is not installed (and no fresh
 //!   gopeer binary exists), skip instead of failing.
 //! * `BACKCHANNEL_INTEROP_BENCH_BYTES`: bytes per direction of the big
-//!   transfers (default 256 MiB).
+//!   transfers and sidechannel exchanges (default 256 MiB).
 
 mod common;
 
 use std::{
     collections::HashMap,
-    io::{BufRead, BufReader, Write},
+    io::{self, BufRead, BufReader, Write},
     path::{Path, PathBuf},
     process::{Child, ChildStdin, Command, ExitStatus, Stdio},
     sync::{Arc, Mutex, OnceLock},
     time::{Duration, Instant, SystemTime},
 };
 
-use backchannel::{ClientBuilder, PeerChannel, PeerEvent, PeerInfo, Registry, SessionConfig};
+use backchannel::{
+    ClientBuilder, PeerChannel, PeerEvent, PeerInfo, Registry, ServerHandshaker, SessionConfig,
+    SidechannelError,
+};
 use backchannel_demo::{
     pb::testing::{
         callback_client::CallbackClient, echo_client::EchoClient, echo_server::EchoServer,
@@ -32,13 +35,21 @@ use backchannel_demo::{
 };
 use backchannel_testkit::{
     fill_pattern,
-    pb::bench::{bench_client::BenchClient, DownloadRequest, Payload},
+    pattern::stream_slice,
+    pb::bench::{
+        bench_client::BenchClient,
+        bench_server::{Bench, BenchServer},
+        DownloadRequest, Payload, Summary,
+    },
 };
 use bytes::Bytes;
 use common::{Bind, TestServer};
 use listenmux::MuxConfig;
-use tokio::sync::{broadcast, mpsc};
-use tonic::Code;
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    sync::{broadcast, mpsc},
+};
+use tonic::{Code, Status};
 
 /// Bound for anything that should happen "at once" (connects, events).
 const T: Duration = Duration::from_secs(10);
@@ -952,4 +963,379 @@ async fn sidecar_agent_to_go_server() {
     agent.stop().await;
     private_task.abort();
     drop(go);
+}
+
+// ---------------------------------------------------------------------------
+// 7. Sidechannels (Gitaly's internal/grpc/sidechannel protocol), both roles
+// ---------------------------------------------------------------------------
+
+/// Writes `total` bytes of `stream_slice(seed, ..)` in 256 KiB writes.
+async fn send_stream<W: AsyncWrite + Unpin>(w: &mut W, seed: u64, total: u64) -> io::Result<()> {
+    let mut off = 0;
+    while off < total {
+        let n = (total - off).min(256 * 1024) as usize;
+        w.write_all(stream_slice(seed, off, n)).await?;
+        off += n as u64;
+    }
+    Ok(())
+}
+
+/// Reads `r` to EOF, checking every byte against `stream_slice(seed, ..)`;
+/// returns the count. A wrong byte is an `InvalidData` error naming it.
+async fn recv_checked<R: AsyncRead + Unpin>(r: &mut R, seed: u64) -> io::Result<u64> {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut off = 0u64;
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(off);
+        }
+        let want = stream_slice(seed, off, n);
+        if buf[..n] != *want {
+            let bad = buf[..n].iter().zip(want).position(|(a, b)| a != b).unwrap();
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("stream {seed}: wrong byte at offset {}", off + bad as u64),
+            ));
+        }
+        off += n as u64;
+    }
+}
+
+/// What our server's sidechannel handler saw, one per call.
+#[derive(Debug)]
+enum SideSeen {
+    /// It received `up` bytes (checked) up to the flush packet and sent `down`.
+    Done { up: u64, down: u64 },
+    /// `open_sidechannel` failed.
+    Open(SidechannelError),
+    /// Reading (or writing) the sidechannel failed.
+    Failed(io::Error),
+}
+
+/// Bench.Echo, with the number of bytes to send back as its decimal payload,
+/// opens the call's sidechannel: it reads the client's bytes (stream 1) to
+/// the flush packet while it sends that many raw bytes (stream 2), shuts
+/// down and answers the number of bytes it received. What it saw goes to
+/// `seen`.
+#[derive(Clone)]
+struct SideBench {
+    registry: Registry,
+    seen: mpsc::UnboundedSender<SideSeen>,
+}
+
+#[tonic::async_trait]
+impl Bench for SideBench {
+    async fn echo(&self, req: tonic::Request<Payload>) -> Result<tonic::Response<Payload>, Status> {
+        let down: u64 = std::str::from_utf8(&req.get_ref().data)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| Status::invalid_argument("want the byte count to send back"))?;
+        let side = match self.registry.open_sidechannel(&req).await {
+            Ok(side) => side,
+            Err(e) => {
+                let status = Status::aborted(e.to_string());
+                let _ = self.seen.send(SideSeen::Open(e));
+                return Err(status);
+            }
+        };
+        let (mut r, mut w) = tokio::io::split(side);
+        let write = async {
+            send_stream(&mut w, 2, down).await?;
+            w.shutdown().await
+        };
+        match tokio::try_join!(recv_checked(&mut r, 1), write) {
+            Ok((up, ())) => {
+                let _ = self.seen.send(SideSeen::Done { up, down });
+                Ok(tonic::Response::new(Payload {
+                    data: up.to_string().into(),
+                }))
+            }
+            Err(e) => {
+                let status = Status::data_loss(format!("{:?}: {e}", e.kind()));
+                let _ = self.seen.send(SideSeen::Failed(e));
+                Err(status)
+            }
+        }
+    }
+    async fn upload(
+        &self,
+        _: tonic::Request<tonic::Streaming<Payload>>,
+    ) -> Result<tonic::Response<Summary>, Status> {
+        Err(Status::unimplemented(""))
+    }
+    type DownloadStream = futures::stream::Empty<Result<Payload, Status>>;
+    async fn download(
+        &self,
+        _: tonic::Request<DownloadRequest>,
+    ) -> Result<tonic::Response<Self::DownloadStream>, Status> {
+        Err(Status::unimplemented(""))
+    }
+}
+
+/// Our server with `SideBench` on a free loopback port.
+struct SideServer {
+    addr: String,
+    seen: mpsc::UnboundedReceiver<SideSeen>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for SideServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl SideServer {
+    async fn start() -> SideServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let registry = Registry::new();
+        let incoming = listenmux::ListenMux::builder()
+            .handshaker(ServerHandshaker::new(
+                registry.clone(),
+                SessionConfig::server(),
+            ))
+            .build()
+            .incoming(listener);
+        let (tx, seen) = mpsc::unbounded_channel();
+        let routes =
+            tonic::service::Routes::new(BenchServer::new(SideBench { registry, seen: tx }));
+        let task = tokio::spawn(async move {
+            let _ = listenmux::server_builder()
+                .add_routes(routes)
+                .serve_with_incoming(incoming)
+                .await;
+        });
+        SideServer { addr, seen, task }
+    }
+
+    async fn next_seen(&mut self) -> SideSeen {
+        tokio::time::timeout(T, self.seen.recv())
+            .await
+            .expect("our sidechannel handler reports")
+            .expect("the server runs")
+    }
+}
+
+/// Go client -> our server: the Go client registers a waiter and calls
+/// Bench.Echo with its ID; our handler opens the sidechannel on the Go
+/// client's session. 256 MiB (`BACKCHANNEL_INTEROP_BENCH_BYTES`) each way at
+/// once, both sides checking every byte and the length; then an ID the Go
+/// client never registered (it closes the stream: our open is refused), a
+/// Go client that closes without the flush packet (our reader: unexpected
+/// EOF), hand-made pkt-lines (split headers, an empty and an upper-case
+/// packet are data; `0001` is invalid), and an empty exchange (just the
+/// flush packet and the close).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidechannel_go_client_to_rust_server() {
+    let Some(bin) = gopeer() else { return };
+    let total = bench_bytes();
+    let mut srv = SideServer::start().await;
+    let big = format!("sidechannel:{total}:{total}");
+    let scenarios = [
+        big.as_str(),
+        "sidechannel-unknown",
+        "sidechannel-noflush",
+        "sidechannel-framing",
+        "sidechannel-badpkt",
+        "sidechannel:0:0",
+    ];
+    let run = scenarios.join(",");
+    let mut go = GoPeer::spawn(
+        &bin,
+        "go-client",
+        &["client", "--server", &srv.addr, "--run", &run],
+    );
+    let (lines, status) = go.finish(Duration::from_secs(300)).await;
+    let ok = expect_all_ok(&lines, &scenarios, &go.log());
+    assert!(status.success(), "Go client exit status {status}");
+
+    // The big exchange: the Go client got all of stream 2 (checked), our
+    // handler all of stream 1 (checked) up to the flush packet.
+    let total_s = total.to_string();
+    assert_eq!(field(&ok[&big], "up"), Some(total_s.as_str()));
+    assert_eq!(field(&ok[&big], "down"), Some(total_s.as_str()));
+    match srv.next_seen().await {
+        SideSeen::Done { up, down } => assert_eq!((up, down), (total, total)),
+        other => panic!("big exchange: {other:?}"),
+    }
+    // Unknown ID: the Go client closed the stream, our open was refused.
+    match srv.next_seen().await {
+        SideSeen::Open(SidechannelError::Refused(answer)) => assert_eq!(answer, ""),
+        other => panic!("unknown ID: {other:?}"),
+    }
+    let unknown = &ok["sidechannel-unknown"];
+    assert_eq!(field(unknown, "code"), Some("Aborted"), "{unknown}");
+    assert!(unknown.contains("refused"), "{unknown}");
+    // No flush packet: an unexpected EOF on our reader, DATA_LOSS for the Go client.
+    match srv.next_seen().await {
+        SideSeen::Failed(e) => assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}"),
+        other => panic!("no flush packet: {other:?}"),
+    }
+    let noflush = &ok["sidechannel-noflush"];
+    assert_eq!(field(noflush, "code"), Some("DataLoss"), "{noflush}");
+    assert!(noflush.contains("UnexpectedEof"), "{noflush}");
+    // Odd but valid framing (a header split across frames, an empty packet,
+    // an upper-case header): all 12 payload bytes arrive.
+    match srv.next_seen().await {
+        SideSeen::Done { up, down } => assert_eq!((up, down), (12, 0)),
+        other => panic!("framing: {other:?}"),
+    }
+    assert_eq!(field(&ok["sidechannel-framing"], "up"), Some("12"));
+    // A delimiter packet 0001 is not data: invalid.
+    match srv.next_seen().await {
+        SideSeen::Failed(e) => assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}"),
+        other => panic!("0001: {other:?}"),
+    }
+    let bad = &ok["sidechannel-badpkt"];
+    assert_eq!(field(bad, "code"), Some("DataLoss"), "{bad}");
+    assert!(bad.contains("InvalidData"), "{bad}");
+    // Empty both ways.
+    match srv.next_seen().await {
+        SideSeen::Done { up, down } => assert_eq!((up, down), (0, 0)),
+        other => panic!("empty exchange: {other:?}"),
+    }
+    assert_eq!(field(&ok["sidechannel:0:0"], "up"), Some("0"));
+    assert_eq!(field(&ok["sidechannel:0:0"], "down"), Some("0"));
+    loud(&format!(
+        "sidechannel interop: Go client <-> Rust server, {} MiB each way at once: {} ms, {} MB/s both directions together (Go's clock)",
+        total / MIB,
+        field(&ok[&big], "ms").unwrap_or("?"),
+        field(&ok[&big], "MB/s").unwrap_or("?"),
+    ));
+}
+
+/// Calls the Go server's Bench.Echo `SIDECHANNEL:<down>` with `waiter`'s ID
+/// and runs `exchange` on the sidechannel it opens; returns the call's
+/// result.
+async fn go_sidechannel_call<F, Fut>(
+    client: &backchannel::Client,
+    down: u64,
+    exchange: F,
+) -> Result<String, Status>
+where
+    F: FnOnce(backchannel::ClientSidechannel) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut waiter = client.sidechannel();
+    let mut req = tonic::Request::new(Payload {
+        data: format!("SIDECHANNEL:{down}").into(),
+    });
+    waiter.attach(&mut req);
+    let mut api = BenchClient::new(client.channel());
+    let mut call = tokio::spawn(async move { api.echo(req).await });
+    let side = tokio::select! {
+        side = waiter.accept() => side.expect("the Go server opens the sidechannel"),
+        r = &mut call => panic!("the call ended before its sidechannel opened: {r:?}"),
+    };
+    tokio::time::timeout(Duration::from_secs(120), exchange(side))
+        .await
+        .expect("the sidechannel exchange ends");
+    let r = tokio::time::timeout(Duration::from_secs(60), call)
+        .await
+        .expect("the call ends")
+        .unwrap();
+    r.map(|r| String::from_utf8_lossy(&r.into_inner().data).into_owned())
+}
+
+/// Our client -> Go server: the Go server's Bench.Echo opens the sidechannel
+/// on our client's session. 256 MiB each way at once, byte-checked on both
+/// sides; an ID we never registered (or whose waiter is gone): our client
+/// closes the stream and the Go server's open is refused; our client drops
+/// its side without the flush packet: the Go server's reader sees an
+/// unexpected EOF; an empty exchange; and the session still carries calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidechannel_rust_client_to_go_server() {
+    let Some(bin) = gopeer() else { return };
+    let total = bench_bytes();
+    let mut go = GoPeer::spawn(&bin, "go-server", &["server"]);
+    let addr = go.listening().await;
+    let client = ClientBuilder::new()
+        .connect_tcp(&addr, common::client_routes("rust-side"))
+        .await
+        .expect("connect to the Go server");
+
+    let t0 = Instant::now();
+    let reply = go_sidechannel_call(&client, total, |side| async move {
+        let (mut r, mut w) = tokio::io::split(side);
+        let up = async {
+            send_stream(&mut w, 1, total).await?;
+            w.shutdown().await // the flush packet
+        };
+        // A failure either way ends both (the Go side stops reading when it fails).
+        let ((), down) = tokio::try_join!(up, recv_checked(&mut r, 2))
+            .expect("the sidechannel exchange with the Go server");
+        assert_eq!(down, total);
+    })
+    .await
+    .unwrap_or_else(|s| panic!("sidechannel call: {s:?}\nGo log:\n{}", go.log()));
+    let wall = t0.elapsed();
+    let total_s = total.to_string();
+    assert!(reply.starts_with("OK "), "{reply}");
+    assert_eq!(field(&reply, "up"), Some(total_s.as_str()), "{reply}");
+    assert_eq!(field(&reply, "down"), Some(total_s.as_str()), "{reply}");
+
+    // An ID nobody here waits for, then a waiter dropped before the open.
+    let mut api = BenchClient::new(client.channel());
+    let mut req = tonic::Request::new(Payload {
+        data: "SIDECHANNEL:0".into(),
+    });
+    req.metadata_mut()
+        .insert("gitaly-sidechannel-id", "987654".parse().unwrap());
+    let dropped = client.sidechannel();
+    let mut req2 = tonic::Request::new(Payload {
+        data: "SIDECHANNEL:0".into(),
+    });
+    dropped.attach(&mut req2);
+    drop(dropped);
+    for req in [req, req2] {
+        let err = api.echo(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::Aborted, "{err:?}");
+        // Refused by our close (EOF), not by a timeout.
+        assert!(err.message().contains("refused"), "{err:?}");
+        assert!(err.message().contains("EOF"), "{err:?}");
+    }
+
+    // No flush packet.
+    let err = go_sidechannel_call(&client, 0, |mut side| async move {
+        side.write_all(stream_slice(1, 0, 1000)).await.unwrap();
+        side.flush().await.unwrap();
+        drop(side);
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::DataLoss, "{err:?}");
+    assert!(err.message().contains("unexpected EOF"), "{err:?}");
+
+    // Empty both ways.
+    let reply = go_sidechannel_call(&client, 0, |mut side| async move {
+        side.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        side.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+    })
+    .await
+    .unwrap_or_else(|s| panic!("empty sidechannel call: {s:?}\nGo log:\n{}", go.log()));
+    assert!(reply.starts_with("OK up=0 down=0 "), "{reply}");
+
+    // The session still carries calls.
+    let r = api
+        .echo(Payload {
+            data: "still here".into(),
+        })
+        .await
+        .expect("Bench.Echo after the sidechannels");
+    assert_eq!(r.into_inner().data, "still here".as_bytes());
+
+    loud(&format!(
+        "sidechannel interop: Rust client <-> Go server, {} MiB each way at once: {} ms, {:.1} MB/s both directions together",
+        total / MIB,
+        wall.as_millis(),
+        mbps(2 * total, wall)
+    ));
+    client.close();
+    tokio::time::timeout(T, client.closed())
+        .await
+        .expect("client closes");
 }

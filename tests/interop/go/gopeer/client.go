@@ -59,18 +59,20 @@ func runClient(server, name string, window uint32, scenarios []string, hold bool
 	}
 	defer cc.Close()
 
-	// Our backchannel server: every stream the server opens is an HTTP/2 connection.
+	// Our backchannel server: every stream the server opens is sniffed; sidechannels go
+	// to their waiters, the others are HTTP/2 connections.
+	waiters := newSideWaiters()
 	srv := grpc.NewServer(grpc.MaxRecvMsgSize(maxMsgSize), grpc.MaxSendMsgSize(maxMsgSize))
 	registerEcho(srv, &echoServer{name: name})
 	registerBench(srv, &benchServer{})
 	go func() {
-		err := srv.Serve(session) // *yamux.Session is a net.Listener of server-opened streams
+		err := srv.Serve(newSniffListener(session, waiters))
 		logf("backchannel server stopped: %v", err)
 	}()
 	defer srv.Stop()
 	logf("client %q connected to %s window=%d grpc-go=%s", name, server, window, grpc.Version)
 
-	ok := runScenarios(cc, name, true, scenarios)
+	ok := runScenarios(cc, name, waiters, scenarios)
 	if hold {
 		logf("holding connection until stdin closes or a signal")
 		select {
@@ -89,10 +91,12 @@ func runPlain(server string, scenarios []string) (bool, error) {
 		return false, err
 	}
 	defer cc.Close()
-	return runScenarios(cc, "", false, scenarios), nil
+	return runScenarios(cc, "", nil, scenarios), nil
 }
 
-func runScenarios(cc *grpc.ClientConn, name string, multiplexed bool, scenarios []string) bool {
+// runScenarios runs the scenarios in turn; waiters is nil for a plain (not multiplexed)
+// client.
+func runScenarios(cc *grpc.ClientConn, name string, waiters *sideWaiters, scenarios []string) bool {
 	allOK := true
 	for _, sc := range scenarios {
 		select {
@@ -101,7 +105,7 @@ func runScenarios(cc *grpc.ClientConn, name string, multiplexed bool, scenarios 
 			return false
 		default:
 		}
-		details, err := runScenario(cc, name, multiplexed, sc)
+		details, err := runScenario(cc, name, waiters, sc)
 		if err != nil {
 			allOK = false
 			fmt.Printf("FAIL %s %s\n", sc, strings.ReplaceAll(err.Error(), "\n", " "))
@@ -112,7 +116,8 @@ func runScenarios(cc *grpc.ClientConn, name string, multiplexed bool, scenarios 
 	return allOK
 }
 
-func runScenario(cc *grpc.ClientConn, name string, multiplexed bool, sc string) (string, error) {
+func runScenario(cc *grpc.ClientConn, name string, waiters *sideWaiters, sc string) (string, error) {
+	multiplexed := waiters != nil
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	kind, arg := sc, ""
@@ -255,6 +260,12 @@ func runScenario(cc *grpc.ClientConn, name string, multiplexed bool, sc string) 
 		}
 		logf("reverse-bench %s: client wall time %v", arg, time.Since(start))
 		return reply, nil // the server's reply verbatim: "OK up=<n> down=<n> ms=<elapsed>"
+
+	case "sidechannel", "sidechannel-unknown", "sidechannel-noflush", "sidechannel-framing", "sidechannel-badpkt":
+		if waiters == nil {
+			return "", errors.New("sidechannels need a multiplexed client")
+		}
+		return runSidechannelScenario(ctx, cc, waiters, kind, arg)
 
 	case "sleep":
 		ms, err := strconv.Atoi(arg)

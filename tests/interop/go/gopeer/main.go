@@ -6,6 +6,11 @@
 //	gopeer client --server ADDR [--name NAME] [--window 256KiB] [--run SCENARIOS] [--hold]
 //	gopeer plain  --server ADDR [--run SCENARIOS]
 //
+// Client scenarios (--run, comma-separated): forward-unary, forward-stream, callback-unary,
+// callback-stream, bench-upload:<bytes>:<chunk>, bench-download:<bytes>:<chunk>,
+// reverse-bench:<bytes>:<chunk>, sidechannel:<up>:<down>, sidechannel-unknown,
+// sidechannel-noflush, sidechannel-framing, sidechannel-badpkt, sleep:<ms> (see client.go and sidechannel.go).
+//
 // The server prints "LISTENING <host:port>"; clients print one "OK|FAIL <scenario> ..." line
 // per scenario and exit 0 only if all passed. Logs go to stderr. Every role exits on
 // SIGINT/SIGTERM, and also when stdin is a pipe or socket and reaches EOF (so a dead test

@@ -373,6 +373,19 @@ func (s *callbackServer) reverseBench(ctx context.Context, total uint64, chunk i
 	return fmt.Sprintf("OK up=%d down=%d ms=%d", total, total, all.Milliseconds()), nil
 }
 
+// sidechannel serves Bench.Echo "SIDECHANNEL:<bytes>" on the calling peer's session.
+func (s *callbackServer) sidechannel(ctx context.Context, spec string) (string, error) {
+	id, err := peerIDFrom(ctx)
+	if err != nil {
+		return "", err
+	}
+	p, err := s.reg.get(id)
+	if err != nil {
+		return "", status.Error(codes.Unavailable, err.Error())
+	}
+	return serveSidechannel(ctx, p.session, spec)
+}
+
 // ---------- entry point ----------
 
 func runServer(listen, name string, window uint32, authority string) error {
@@ -399,7 +412,7 @@ func runServer(listen, name string, window uint32, authority string) error {
 	srv := grpc.NewServer(grpc.Creds(peerCreds{}),
 		grpc.MaxRecvMsgSize(maxMsgSize), grpc.MaxSendMsgSize(maxMsgSize))
 	registerEcho(srv, &echoServer{name: name})
-	registerBench(srv, &benchServer{reverse: cb.reverseBench})
+	registerBench(srv, &benchServer{reverse: cb.reverseBench, side: cb.sidechannel})
 	registerCallback(srv, cb)
 
 	fmt.Printf("LISTENING %s\n", inner.Addr().String())

@@ -139,8 +139,12 @@ func registerEcho(s *grpc.Server, e *echoServer) {
 // Payload{data: "OK up=<bytes> down=<bytes> ms=<elapsed total>"} or an error status.
 // That lets a test make the Go server push (and pull) big data over the reverse channel
 // without any method outside the .proto files.
+//
+// When side is set (server role only), Bench.Echo with data "SIDECHANNEL:<bytes>" opens
+// the call's sidechannel instead (see serveSidechannel).
 type benchServer struct {
 	reverse func(ctx context.Context, total uint64, chunk int) (string, error)
+	side    func(ctx context.Context, spec string) (string, error)
 }
 
 const reverseBenchPrefix = "REVERSE-BENCH:"
@@ -178,6 +182,13 @@ func registerBench(s *grpc.Server, b *benchServer) {
 						return nil, status.Error(codes.InvalidArgument, err.Error())
 					}
 					msg, err := b.reverse(ctx, total, chunk)
+					if err != nil {
+						return nil, err
+					}
+					return &Payload{Data: []byte(msg)}, nil
+				}
+				if b.side != nil && bytes.HasPrefix(req.Data, []byte(sidechannelPrefix)) {
+					msg, err := b.side(ctx, string(req.Data[len(sidechannelPrefix):]))
 					if err != nil {
 						return nil, err
 					}
