@@ -23,7 +23,10 @@ use backchannel_sidecar::{
         peers_client::PeersClient, registration_client::RegistrationClient, AnnounceRequest,
         ListPeersRequest,
     },
+    tunnel::cli::{Dialer, TunnelArgs},
 };
+use backchannel_testkit::pattern::{check_stream, stream_slice};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tonic::{
@@ -538,6 +541,145 @@ async fn forged_hop_header_is_refused() {
     ag.stop().await;
     a.shutdown().await;
     solo.shutdown().await;
+}
+
+fn tunnel_args(hub: &Hub, peer: &str, service: &str) -> TunnelArgs {
+    TunnelArgs {
+        hub: hub.addr.unwrap().to_string(),
+        peer: peer.into(),
+        service: service.into(),
+        listen: None,
+        stdio: true,
+        tls_ca: None,
+        tls_cert: None,
+        tls_key: None,
+        tls_server_name: None,
+        token_file: None,
+        timeout: Duration::from_secs(10),
+    }
+}
+
+/// A TCP echo service that half-closes when its client does.
+async fn tcp_echo() -> String {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = tcp.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+async fn send_pattern<W: AsyncWrite + Unpin>(w: &mut W, seed: u64, total: u64) {
+    let mut off = 0;
+    while off < total {
+        let n = (total - off).min(256 * 1024) as usize;
+        w.write_all(stream_slice(seed, off, n)).await.unwrap();
+        off += n as u64;
+    }
+}
+
+async fn recv_pattern<R: AsyncRead + Unpin>(r: &mut R, seed: u64) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut off = 0;
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(off);
+        }
+        check_stream(seed, off, &buf[..n]);
+        off += n as u64;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tunnels_cross_hubs_like_calls() {
+    const MIB: u64 = 1024 * 1024;
+    let redis = Redis::start().await;
+    let tok = token_file();
+    let a = hub(&redis, "a", &tok, "tun").await;
+    let b = hub(&redis, "b", &tok, "tun").await;
+    // The agent is on hub b only; callers come to hub a.
+    let svc = private_service("tbox").await;
+    let mut cfg = AgentConfig::new(b.addr.unwrap().to_string(), "tbox", &svc.addr);
+    cfg.expose_tcp = vec![("echo".into(), tcp_echo().await)];
+    let ag = Agent::start(cfg).unwrap();
+    ag.wait_sessions(1, T).await.unwrap();
+    until_reachable(&caller(&a.addr.unwrap().to_string()).await, "tbox").await;
+
+    // 64 MiB each way, byte-checked, with the caller's half-close carried
+    // across both hubs to the service and back.
+    let dialer = Dialer::new(&tunnel_args(&a, "tbox", "echo")).unwrap();
+    let (mut r, mut w) = dialer.open().await.unwrap();
+    let send = async {
+        send_pattern(&mut w, 31, 64 * MIB).await;
+        w.shutdown().await.unwrap();
+    };
+    let ((), got) = tokio::join!(send, recv_pattern(&mut r, 31));
+    assert_eq!(got.unwrap(), 64 * MIB);
+
+    // The far side's refusal reaches the caller, naming the hub it crossed.
+    let e = Dialer::new(&tunnel_args(&a, "tbox", "nope"))
+        .unwrap()
+        .open()
+        .await
+        .err()
+        .expect("refused");
+    let e = format!("{e:#}");
+    assert!(e.contains("no tunnel service 'nope'"), "{e}");
+    assert!(e.contains("on hub 'b'"), "{e}");
+    // A name no hub holds.
+    let e = Dialer::new(&tunnel_args(&a, "nobody", "echo"))
+        .unwrap()
+        .open()
+        .await
+        .err()
+        .expect("refused");
+    assert!(format!("{e:#}").contains("no peer 'nobody'"), "{e:#}");
+
+    // A caller cannot forge a hop to reach hub b's peers directly.
+    for token in [None, Some("wrong-token-0123456789")] {
+        let tcp = tokio::net::TcpStream::connect(b.addr.unwrap())
+            .await
+            .unwrap();
+        let mut req = backchannel::TunnelRequest::new("echo")
+            .with_metadata("peer", "tbox")
+            .with_metadata("backchannel-hop", "a")
+            .with_metadata("backchannel-caller", "admin");
+        if let Some(t) = token {
+            req = req.with_metadata("backchannel-hop-token", t);
+        }
+        match backchannel::tunnel::connect(tcp, req, "hub b").await {
+            Err(backchannel::TunnelError::Refused { kind, reason, .. }) => {
+                assert_eq!(kind, backchannel::RefusalKind::Denied, "{reason}");
+                assert!(reason.contains("backchannel-hop"), "{reason}");
+            }
+            other => panic!("a forged hop was not refused: {other:?}"),
+        }
+    }
+
+    // The agent dies mid-tunnel: the caller on the other hub gets an
+    // error naming the peer, never a clean end.
+    let (mut r, mut w) = dialer.open().await.unwrap();
+    send_pattern(&mut w, 32, MIB).await;
+    let mut buf = vec![0u8; MIB as usize];
+    r.read_exact(&mut buf).await.unwrap();
+    check_stream(32, 0, &buf);
+    ag.stop().await;
+    let mut rest = Vec::new();
+    let e = tokio::time::timeout(T, r.read_to_end(&mut rest))
+        .await
+        .expect("the caller's side ends promptly")
+        .unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionAborted, "{e}");
+    assert!(e.to_string().contains("tbox"), "{e}");
+    a.shutdown().await;
+    b.shutdown().await;
 }
 
 /// A backchannel client announcing `name` on `hub` (no reconnects), serving

@@ -194,6 +194,8 @@ impl Hub {
         let session = SessionConfig::server()
             .with_handshake_timeout(cfg.handshake_timeout)
             .with_max_buffered(HUB_SESSION_BUFFER);
+        // Joined below, once the listen address (for --advertise) is known.
+        let tunnel_cluster = Arc::new(std::sync::OnceLock::new());
         let mut mux = ListenMux::builder()
             .sniff_timeout(cfg.handshake_timeout)
             .max_pending(cfg.max_pending.max(1))
@@ -204,11 +206,14 @@ impl Hub {
                 ServerHandshaker::new(registry.clone(), session).with_max_peers(cfg.max_peers),
             )
             // Connections of `backchannel tunnel` callers.
-            .handshaker(crate::tunnel::hub::TunnelHandshaker::new(
-                state.clone(),
-                access.clone(),
-                cfg.handshake_timeout,
-            ));
+            .handshaker(
+                crate::tunnel::hub::TunnelHandshaker::new(
+                    state.clone(),
+                    access.clone(),
+                    cfg.handshake_timeout,
+                )
+                .with_cluster(tunnel_cluster.clone()),
+            );
         match (&cfg.tls_cert, &cfg.tls_key) {
             (Some(c), Some(k)) => {
                 let tls = crate::tls::server_config_with(
@@ -267,6 +272,7 @@ impl Hub {
                 }
                 let (cluster, tasks) = cluster::Cluster::start(&c, state.clone())?;
                 side_tasks.extend(tasks);
+                let _ = tunnel_cluster.set(cluster.clone());
                 Some(cluster)
             }
             None => None,

@@ -6,7 +6,7 @@
 
 use std::{
     net::SocketAddr,
-    sync::{atomic::Ordering, Arc},
+    sync::{atomic::Ordering, Arc, OnceLock},
     time::Duration,
 };
 
@@ -20,11 +20,19 @@ use prometheus_client::{
 use tracing::{debug, info, Instrument};
 
 use crate::hub::{
-    access::Access,
+    access::{Access, Permit},
     audit,
+    cluster::{
+        hop::{HOP_HEADER, HOP_TOKEN_HEADER},
+        Cluster,
+    },
     identity::AUTHORIZATION,
-    state::{HubState, Unroutable},
+    routing::CALLER_HEADER,
+    state::{HubState, PeerCounters, Unroutable},
 };
+use crate::hub::policy::PeerView;
+use backchannel::PeerId;
+use backchannel_directory::Entry;
 
 use super::frames::{FrameReader, FrameWriter};
 
@@ -84,6 +92,7 @@ pub struct TunnelHandshaker {
     state: Arc<HubState>,
     access: Arc<Access>,
     timeout: Duration,
+    cluster: Arc<OnceLock<Arc<Cluster>>>,
 }
 
 impl std::fmt::Debug for TunnelHandshaker {
@@ -102,7 +111,16 @@ impl TunnelHandshaker {
             state,
             access,
             timeout,
+            cluster: Arc::default(),
         }
+    }
+
+    /// Also routes tunnels to the peers of the other hubs of the cluster
+    /// set in `cluster` (once the hub has joined it), and honours the
+    /// tunnel hops of those hubs.
+    pub fn with_cluster(mut self, cluster: Arc<OnceLock<Arc<Cluster>>>) -> Self {
+        self.cluster = cluster;
+        self
     }
 }
 
@@ -119,6 +137,7 @@ impl Handshaker for TunnelHandshaker {
         let state = self.state.clone();
         let access = self.access.clone();
         let timeout = self.timeout;
+        let cluster = self.cluster.get().cloned();
         let remote = info.remote_addr();
         let span = tracing::info_span!("tunnel", remote = ?remote);
         Box::pin(
@@ -130,7 +149,13 @@ impl Handshaker for TunnelHandshaker {
                         return Err(HandshakeError::Protocol(Box::new(e)));
                     }
                 };
-                route(caller, info, state, access, timeout, remote).await;
+                let ctx = Ctx {
+                    state,
+                    access,
+                    cluster,
+                    timeout,
+                };
+                route(caller, info, ctx, remote).await;
                 Ok(Handshaked::Dispatched)
             }
             .instrument(span),
@@ -138,14 +163,41 @@ impl Handshaker for TunnelHandshaker {
     }
 }
 
+/// What routing a tunnel needs of the hub.
+struct Ctx {
+    state: Arc<HubState>,
+    access: Arc<Access>,
+    cluster: Option<Arc<Cluster>>,
+    timeout: Duration,
+}
+
+/// The hop fields of a tunnel request, as the headers a routed call
+/// carries them in.
+fn hop_headers(request: &TunnelRequest) -> http::HeaderMap {
+    let mut h = http::HeaderMap::new();
+    for key in [HOP_HEADER, HOP_TOKEN_HEADER, CALLER_HEADER] {
+        if let Some(v) = request.metadata(key) {
+            // A value that is no header value marks the hop all the same.
+            let v = http::HeaderValue::from_str(v)
+                .unwrap_or_else(|_| http::HeaderValue::from_static("-"));
+            h.insert(key, v);
+        }
+    }
+    h
+}
+
 async fn route(
     caller: IncomingTunnel<BoxIo>,
     info: ConnInfo,
-    state: Arc<HubState>,
-    access: Arc<Access>,
-    timeout: Duration,
+    ctx: Ctx,
     remote: Option<SocketAddr>,
 ) {
+    let Ctx {
+        state,
+        access,
+        cluster,
+        timeout,
+    } = ctx;
     let metrics = &state.metrics.tunnels;
     let service = caller.service().to_string();
     let Some(target) = caller.request().metadata(PEER_KEY).map(str::to_string) else {
@@ -168,41 +220,91 @@ async fn route(
         )
         .await;
     }
-    let mut headers = http::HeaderMap::new();
-    if let Some(v) = caller.request().metadata(AUTHORIZATION) {
-        match http::HeaderValue::from_str(v) {
-            Ok(v) => {
-                headers.insert(AUTHORIZATION, v);
-            }
-            Err(_) => {
-                return refuse(
-                    caller,
-                    metrics,
-                    RefusalKind::Denied,
-                    "denied",
-                    "malformed authorization".into(),
-                )
-                .await
-            }
-        }
-    }
+    // A hop from another hub of the cluster: its caller was checked there;
+    // it goes to this hub's own peers only (never further).
+    let hop_fields = hop_headers(caller.request());
+    let hop = match &cluster {
+        Some(c) => c.check_hop(Some(&info), &hop_fields),
+        None => crate::hub::cluster::refuse_hop_without_cluster(&hop_fields).map(Err),
+    };
+    let trusted = hop.is_some();
     let what = format!("tunnel {service}");
-    let identity = match access.identify(Some(&info), &headers) {
-        Ok(i) => i,
-        Err(d) => {
-            audit::refused(&state.metrics, &d, None, &what, &target);
+    let identity = match hop {
+        Some(Ok(c)) => c,
+        Some(Err(status)) => {
             return refuse(
                 caller,
                 metrics,
                 RefusalKind::Denied,
                 "denied",
-                d.status.message().to_string(),
+                status.message().to_string(),
             )
-            .await;
+            .await
+        }
+        None => {
+            let mut headers = http::HeaderMap::new();
+            if let Some(v) = caller.request().metadata(AUTHORIZATION) {
+                match http::HeaderValue::from_str(v) {
+                    Ok(v) => {
+                        headers.insert(AUTHORIZATION, v);
+                    }
+                    Err(_) => {
+                        return refuse(
+                            caller,
+                            metrics,
+                            RefusalKind::Denied,
+                            "denied",
+                            "malformed authorization".into(),
+                        )
+                        .await
+                    }
+                }
+            }
+            match access.identify(Some(&info), &headers) {
+                Ok(i) => i,
+                Err(d) => {
+                    audit::refused(&state.metrics, &d, None, &what, &target);
+                    return refuse(
+                        caller,
+                        metrics,
+                        RefusalKind::Denied,
+                        "denied",
+                        d.status.message().to_string(),
+                    )
+                    .await;
+                }
+            }
         }
     };
-    let resolved = state.resolve_tunnel(&target, |peer| {
-        access.authorize_tunnel(&identity, &target, peer, &service)
+    // A name this hub does not hold may be on another hub.
+    if let Some(cluster) = cluster.filter(|_| !trusted) {
+        if state.peer_named(&target).is_none() && target.trim().parse::<PeerId>().is_err() {
+            match cluster.locate(&target).await {
+                Ok(Some(entry)) => {
+                    let hop = Hop {
+                        cluster,
+                        entry,
+                        identity,
+                    };
+                    return route_hop(caller, hop, state, access, timeout, remote).await;
+                }
+                Ok(None) => {}
+                Err(status) => {
+                    return refuse(
+                        caller,
+                        metrics,
+                        RefusalKind::Unavailable,
+                        "unavailable",
+                        status.message().to_string(),
+                    )
+                    .await
+                }
+            }
+        }
+    }
+    let resolved = state.resolve_tunnel(&target, |peer| match (trusted, peer) {
+        (true, Some(_)) => Ok(None),
+        _ => access.authorize_tunnel(&identity, &target, peer, &service),
     });
     let (peer_id, label, counters, permit) = match resolved {
         Ok(r) => r,
@@ -233,26 +335,7 @@ async fn route(
         .with_timeout(timeout);
     let upstream = match state.registry().open_tunnel(peer_id, request).await {
         Ok(t) => t,
-        Err(TunnelError::Refused { kind, reason, .. }) => {
-            return refuse(
-                caller,
-                metrics,
-                kind,
-                "refused",
-                format!("{label}: {reason}"),
-            )
-            .await;
-        }
-        Err(e) => {
-            return refuse(
-                caller,
-                metrics,
-                RefusalKind::Unavailable,
-                "unavailable",
-                format!("{label}: {e}"),
-            )
-            .await;
-        }
+        Err(e) => return refuse_upstream(caller, metrics, &label, e).await,
     };
     let Ok(caller) = caller.accept().await else {
         metrics.result("caller_gone");
@@ -262,12 +345,187 @@ async fn route(
     info!(target: "audit", caller = %identity, peer = %label, service = %service, remote = ?remote, "tunnel opened");
     counters.tunnels.fetch_add(1, Ordering::Relaxed);
     counters.tunnels_open.fetch_add(1, Ordering::Relaxed);
-    metrics.open.inc();
-    let state2 = state.clone();
+    let reset = upstream.reset_handle();
+    let (tr, tw) = tokio::io::split(upstream);
+    let up = ResetOnFail { inner: tw, reset };
+    spawn_relay(caller, tr, up, state, label, Some(counters), permit);
+}
+
+/// A tunnel going to a peer of another hub.
+struct Hop {
+    cluster: Arc<Cluster>,
+    entry: Entry,
+    identity: String,
+}
+
+/// Routes a tunnel over one hop to the hub holding its peer, after the
+/// policy allowed it here (the other hub trusts this one's check).
+async fn route_hop(
+    caller: IncomingTunnel<BoxIo>,
+    hop: Hop,
+    state: Arc<HubState>,
+    access: Arc<Access>,
+    timeout: Duration,
+    remote: Option<SocketAddr>,
+) {
+    let metrics = &state.metrics.tunnels;
+    let service = caller.service().to_string();
+    let Hop {
+        cluster,
+        entry,
+        identity,
+    } = hop;
+    let target = entry.name.clone();
+    let labels: std::collections::HashMap<String, String> = entry
+        .labels
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let view = PeerView {
+        name: &entry.name,
+        labels: &labels,
+    };
+    let permit = match access.authorize_tunnel(&identity, &target, Some(view), &service) {
+        Ok(p) => p,
+        Err(d) => {
+            let what = format!("tunnel {service}");
+            audit::refused(&state.metrics, &d, Some(&identity), &what, &target);
+            return refuse(
+                caller,
+                metrics,
+                RefusalKind::Denied,
+                "denied",
+                d.status.message().to_string(),
+            )
+            .await;
+        }
+    };
+    let label = format!(
+        "peer '{target}' (id {} on hub '{}')",
+        entry.peer_id, entry.hub_id
+    );
+    let request = TunnelRequest::new(service.clone())
+        .with_metadata(PEER_KEY, target.clone())
+        .with_metadata(CALLER_HEADER, identity.clone())
+        .with_timeout(timeout);
+    let upstream = match cluster.open_tunnel_hop(&entry, request).await {
+        Ok(t) => t,
+        Err(e) => return refuse_upstream(caller, metrics, &label, e).await,
+    };
+    let Ok(caller) = caller.accept().await else {
+        metrics.result("caller_gone");
+        return;
+    };
+    metrics.result("accepted");
+    info!(target: "audit", caller = %identity, peer = %label, service = %service, remote = ?remote, "tunnel opened");
+    // Between hubs the bytes travel in frames too: the other hub's
+    // failure arrives as an abort with its reason.
+    let (tr, tw) = tokio::io::split(upstream.into_inner());
+    spawn_relay(
+        caller,
+        FrameReader::new(tr),
+        FrameWriter::new(tw),
+        state,
+        label,
+        None,
+        permit,
+    );
+}
+
+/// Answers the caller with why the far side did not open its tunnel.
+async fn refuse_upstream(
+    caller: IncomingTunnel<BoxIo>,
+    metrics: &TunnelMetrics,
+    label: &str,
+    err: TunnelError,
+) {
+    match err {
+        TunnelError::Refused { kind, reason, .. } => {
+            refuse(caller, metrics, kind, "refused", format!("{label}: {reason}")).await
+        }
+        e => {
+            refuse(
+                caller,
+                metrics,
+                RefusalKind::Unavailable,
+                "unavailable",
+                format!("{label}: {e}"),
+            )
+            .await
+        }
+    }
+}
+
+type FailFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
+
+/// The writing half toward the target, and how to fail it so that the far
+/// end never sees a clean end.
+trait Upstream: tokio::io::AsyncWrite + Unpin + Send + 'static {
+    fn fail<'a>(&'a mut self, reason: &'a str) -> FailFuture<'a>;
+}
+
+/// A yamux tunnel to a local peer: failed by a reset.
+struct ResetOnFail<W> {
+    inner: W,
+    reset: backchannel::ResetHandle,
+}
+
+impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for ResetOnFail<W> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl<W: tokio::io::AsyncWrite + Unpin + Send + 'static> Upstream for ResetOnFail<W> {
+    fn fail<'a>(&'a mut self, _reason: &'a str) -> FailFuture<'a> {
+        self.reset.reset();
+        Box::pin(async {})
+    }
+}
+
+/// A hop to another hub: failed by an abort frame with the reason.
+impl<W: tokio::io::AsyncWrite + Unpin + Send + 'static> Upstream for FrameWriter<W> {
+    fn fail<'a>(&'a mut self, reason: &'a str) -> FailFuture<'a> {
+        Box::pin(self.abort(reason))
+    }
+}
+
+/// Relays an accepted caller and its target (reading `tr`, writing `tw`)
+/// in a task of its own, counting bytes for the hub and, for a local peer,
+/// for that peer.
+fn spawn_relay<TR, TW>(
+    caller: backchannel::Tunnel<BoxIo>,
+    mut tr: TR,
+    mut tw: TW,
+    state: Arc<HubState>,
+    label: String,
+    counters: Option<Arc<PeerCounters>>,
+    permit: Option<Permit>,
+) where
+    TR: tokio::io::AsyncRead + Unpin + Send + 'static,
+    TW: Upstream,
+{
+    state.metrics.tunnels.open.inc();
     tokio::spawn(
         async move {
             let _permit = permit;
-            let m = &state2.metrics.tunnels;
+            let m = &state.metrics.tunnels;
             let to = m
                 .bytes
                 .get_or_create(&DirectionLabel {
@@ -280,22 +538,27 @@ async fn route(
                     direction: "from_peer",
                 })
                 .clone();
+            let none = std::sync::atomic::AtomicU64::new(0);
+            let (peer_to, peer_from) = match &counters {
+                Some(c) => (&c.tunnel_bytes_to_peer, &c.tunnel_bytes_from_peer),
+                None => (&none, &none),
+            };
             let (cr, cw) = tokio::io::split(caller.into_inner());
             let mut cr = FrameReader::new(cr);
             let mut cw = FrameWriter::new(cw);
-            let reset = upstream.reset_handle();
-            let (mut tr, mut tw) = tokio::io::split(upstream);
             let up = async {
-                let n = pump_counted(&mut cr, &mut tw, &counters.tunnel_bytes_to_peer, &to).await;
-                n.map_err(|e| {
-                    // The agent's service must not see a clean end.
-                    reset.reset();
-                    format!("the caller's side failed: {e}")
-                })
+                match pump_counted(&mut cr, &mut tw, peer_to, &to).await {
+                    Ok(n) => Ok(n),
+                    Err(e) => {
+                        // The agent's service must not see a clean end.
+                        let reason = format!("the caller's side failed: {e}");
+                        tw.fail(&reason).await;
+                        Err(reason)
+                    }
+                }
             };
             let down = async {
-                match pump_counted(&mut tr, &mut cw, &counters.tunnel_bytes_from_peer, &from).await
-                {
+                match pump_counted(&mut tr, &mut cw, peer_from, &from).await {
                     Ok(n) => Ok(n),
                     Err(e) => {
                         let reason = format!("{label}: {e}");
@@ -308,8 +571,10 @@ async fn route(
                 Ok((a, b)) => debug!(to_peer = a, from_peer = b, "tunnel ended"),
                 Err(e) => debug!(error = %e, "tunnel failed"),
             }
-            counters.tunnels_open.fetch_sub(1, Ordering::Relaxed);
-            state2.metrics.tunnels.open.dec();
+            if let Some(c) = &counters {
+                c.tunnels_open.fetch_sub(1, Ordering::Relaxed);
+            }
+            state.metrics.tunnels.open.dec();
         }
         .in_current_span(),
     );

@@ -113,6 +113,20 @@ impl HopAuth {
         }
     }
 
+    /// Marks an outgoing tunnel hop from hub `hub_id`: the same fields as
+    /// [`stamp`](Self::stamp), as tunnel metadata.
+    pub fn stamp_tunnel(
+        &self,
+        request: backchannel::TunnelRequest,
+        hub_id: &str,
+    ) -> backchannel::TunnelRequest {
+        let request = request.with_metadata(HOP_HEADER, hub_id);
+        match self.token.as_ref().and_then(|t| t.to_str().ok()) {
+            Some(t) => request.with_metadata(HOP_TOKEN_HEADER, t),
+            None => request,
+        }
+    }
+
     /// See [`super::Cluster::check_hop`].
     pub fn check(
         &self,
@@ -177,6 +191,53 @@ impl std::fmt::Debug for Channels {
 }
 
 impl Channels {
+    /// What opens raw connections to the other hubs (tunnels' hops).
+    pub fn dialer(&self) -> Dialer {
+        Dialer {
+            tls: self.tls.clone(),
+        }
+    }
+}
+
+/// Opens raw connections to the other hubs, over TLS when the cluster has a
+/// CA for its hubs.
+#[derive(Clone)]
+pub struct Dialer {
+    tls: Option<tokio_rustls::TlsConnector>,
+}
+
+impl std::fmt::Debug for Dialer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dialer")
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+impl Dialer {
+    /// A raw connection to the hub at `addr` (TCP, then TLS when the
+    /// cluster has a CA for its hubs), within `timeout`: a tunnel's hop.
+    pub async fn dial(&self, addr: &str, timeout: Duration) -> std::io::Result<listenmux::BoxIo> {
+        let tls = self.tls.clone();
+        let connect = async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await?;
+            let _ = tcp.set_nodelay(true);
+            let Some(tls) = tls else {
+                return Ok(Box::new(tcp) as listenmux::BoxIo);
+            };
+            let io = tls.connect(server_name(addr)?, tcp).await?;
+            Ok(Box::new(io) as listenmux::BoxIo)
+        };
+        tokio::time::timeout(timeout, connect).await.map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("connecting to hub {addr} timed out"),
+            )
+        })?
+    }
+}
+
+impl Channels {
     /// The channel to the hub at `addr`.
     pub fn get(&self, addr: &str) -> Channel {
         let mut m = self.by_addr.lock().unwrap_or_else(|e| e.into_inner());
@@ -198,13 +259,7 @@ impl Channels {
                 ep.connect_with_connector_lazy(tower::service_fn(move |_| {
                     let (tls, addr) = (tls.clone(), addr.clone());
                     async move {
-                        let host = crate::addr::Target::parse_listen(&addr)
-                            .ok()
-                            .and_then(|t| t.host().map(str::to_string))
-                            .unwrap_or_default();
-                        let name = rustls_pki_types::ServerName::try_from(host).map_err(|e| {
-                            std::io::Error::new(std::io::ErrorKind::InvalidInput, e)
-                        })?;
+                        let name = server_name(&addr)?;
                         let tcp = tokio::net::TcpStream::connect(&addr).await?;
                         let _ = tcp.set_nodelay(true);
                         let io = tls.connect(name, tcp).await?;
@@ -219,4 +274,14 @@ impl Channels {
         m.insert(addr.to_string(), c.clone());
         c
     }
+}
+
+/// The TLS name of the hub at `addr`: its host part.
+fn server_name(addr: &str) -> std::io::Result<rustls_pki_types::ServerName<'static>> {
+    let host = crate::addr::Target::parse_listen(addr)
+        .ok()
+        .and_then(|t| t.host().map(str::to_string))
+        .unwrap_or_default();
+    rustls_pki_types::ServerName::try_from(host)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
 }

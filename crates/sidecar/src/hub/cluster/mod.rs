@@ -561,6 +561,51 @@ impl Cluster {
         })
     }
 
+    /// Where a tunnel for `target`, a name this hub does not hold, goes:
+    /// `Ok(Some(entry))` when another hub holds it, `Ok(None)` when no
+    /// other hub does (the local answer applies), an UNAVAILABLE status
+    /// when the directory cannot be asked.
+    pub async fn locate(&self, target: &str) -> Result<Option<Entry>, Status> {
+        if !self.dir.is_connected() {
+            return Err(Status::unavailable(format!(
+                "peer '{target}' is not on this hub, and the cluster directory is unreachable, so other hubs cannot be asked"
+            )));
+        }
+        match self.dir.lookup(target).await {
+            Ok(Some(e)) if e.hub_id != self.hub_id => Ok(Some(e)),
+            Ok(_) => Ok(None),
+            Err(e) => Err(Status::unavailable(format!(
+                "peer '{target}' is not on this hub, and looking it up failed: {e}"
+            ))),
+        }
+    }
+
+    /// Opens the hop of a tunnel to the hub of `entry`: connects, sends
+    /// `request` marked as a hop from this hub, and waits for that hub's
+    /// answer (which is the agent's).
+    pub async fn open_tunnel_hop(
+        &self,
+        entry: &Entry,
+        request: backchannel::TunnelRequest,
+    ) -> Result<backchannel::Tunnel<listenmux::BoxIo>, backchannel::TunnelError> {
+        let side = format!("hub '{}'", entry.hub_id);
+        let timeout = request.timeout();
+        let dialer = self
+            .hops
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .dialer();
+        let io = dialer.dial(&entry.addr, timeout).await.map_err(|source| {
+            backchannel::TunnelError::NoAnswer {
+                service: request.service().to_string(),
+                side: side.clone(),
+                source,
+            }
+        })?;
+        let request = self.auth.stamp_tunnel(request, &self.hub_id);
+        backchannel::tunnel::connect(io, request, &side).await
+    }
+
     /// If `headers` mark a hop, whether it comes from a hub of this cluster:
     /// `Some(Ok(caller))` for an authenticated hop (with the caller's
     /// identity), `Some(Err(status))` for a refused one, `None` for a
