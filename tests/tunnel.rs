@@ -414,6 +414,92 @@ async fn the_binary_with_stdio_relays_and_exits_when_the_far_side_ends() {
     s.hub.shutdown().await;
 }
 
+/// `backchannel tunnel --listen`: each accepted connection becomes its own
+/// tunnel; a refused tunnel resets its local connection (never a clean
+/// end); SIGTERM stops the listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_with_listen_makes_one_tunnel_per_connection() {
+    use tokio::io::AsyncBufReadExt;
+    let s = setup(None, None).await;
+    let spawn = |service: &str| {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_backchannel"))
+            .args([
+                "tunnel",
+                "--hub",
+                &s.hub_addr,
+                "--peer",
+                "box",
+                "--service",
+                service,
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    };
+    // "tunnel to 'echo' on peer 'box' listening on 127.0.0.1:PORT"
+    async fn listening_on(child: &mut tokio::process::Child) -> String {
+        let mut line = String::new();
+        tokio::io::BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .await
+            .unwrap();
+        line.trim().rsplit(' ').next().unwrap().to_string()
+    }
+    let mut child = spawn("echo");
+    let addr = listening_on(&mut child).await;
+    let mut conns = Vec::new();
+    for i in 0..3u64 {
+        let addr = addr.clone();
+        conns.push(tokio::spawn(async move {
+            let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            let (mut r, mut w) = tcp.into_split();
+            let send = async {
+                send_stream(&mut w, 40 + i, 4 * MIB).await;
+                w.shutdown().await.unwrap();
+            };
+            let ((), got) = tokio::join!(send, recv_stream(&mut r, 40 + i));
+            got.unwrap()
+        }));
+    }
+    for c in conns {
+        assert_eq!(c.await.unwrap(), 4 * MIB);
+    }
+    let pid = child.id().unwrap().to_string();
+    let st = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let status = tokio::time::timeout(T, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
+
+    // A service the agent does not offer: the local connection is reset
+    // and the reason is on stderr.
+    let mut child = spawn("nope");
+    let addr = listening_on(&mut child).await;
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut buf = Vec::new();
+    let r = tokio::time::timeout(T, tcp.read_to_end(&mut buf))
+        .await
+        .expect("the local connection ends promptly");
+    let e = r.expect_err("a refused tunnel must not end cleanly");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+    child.start_kill().unwrap();
+    let out = child.wait_with_output().await.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no tunnel service 'nope'"), "{err}");
+    s.agent.unwrap().stop().await;
+    s.hub.shutdown().await;
+}
+
 /// A real OpenSSH client and sshd (loopback only, a throwaway host key and
 /// user key made here) with `backchannel tunnel --stdio` as the
 /// ProxyCommand, running a remote command. Skipped, saying why, where the

@@ -254,9 +254,16 @@ pub async fn run(args: TunnelArgs) -> anyhow::Result<()> {
                 let _ = tcp.set_nodelay(true);
                 let dialer = dialer.clone();
                 tokio::spawn(async move {
-                    let (r, w) = tcp.into_split();
-                    if let Err(e) = relay(&dialer, r, w).await {
+                    let (mut r, mut w) = tcp.into_split();
+                    if let Err(e) = relay(&dialer, &mut r, &mut w).await {
                         eprintln!("tunnel for {from}: {e:#}");
+                        // A refused or failed tunnel resets the local
+                        // connection: its client must not take a clean
+                        // end for the whole of the data.
+                        if let Ok(tcp) = r.reunite(w) {
+                            #[allow(deprecated)]
+                            let _ = tcp.set_linger(Some(Duration::ZERO));
+                        }
                     }
                 });
             }
