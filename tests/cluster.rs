@@ -20,14 +20,15 @@ use backchannel_sidecar::{
     agent::{Agent, AgentConfig},
     hub::{cluster::ClusterConfig, Hub, HubConfig},
     pb::hub::{
-        peers_client::PeersClient, registration_client::RegistrationClient, AnnounceRequest,
-        ListPeersRequest,
+        peer_event::Kind as PeerEventKind, peers_client::PeersClient,
+        registration_client::RegistrationClient, AnnounceRequest, ListPeersRequest,
+        WatchPeersRequest,
     },
     tunnel::cli::{Dialer, TunnelArgs},
 };
 use backchannel_testkit::pattern::{check_stream, stream_slice};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use futures::{Stream, StreamExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tonic::{
     metadata::MetadataValue, transport::Channel, Code, Request, Response, Status, Streaming,
@@ -486,7 +487,58 @@ async fn three_hubs_every_caller_reaches_every_agent() {
         .peers;
     assert_eq!(local.len(), 1);
     assert_eq!(local[0].name, "agent0");
-    for a in agents {
+    // Peers.Watch too: the whole cluster as EXISTING, then the other hubs'
+    // changes; or this hub only.
+    let mut watch = pc
+        .watch(WatchPeersRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut existing = Vec::new();
+    for _ in 0..all.len() {
+        let ev = tokio::time::timeout(T, watch.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(ev.kind, PeerEventKind::Existing as i32, "{ev:?}");
+        let p = ev.peer.unwrap();
+        existing.push((p.name, p.hub_id));
+    }
+    existing.retain(|(n, _)| !n.is_empty());
+    existing.sort();
+    assert_eq!(existing, seen);
+    let mut local_watch = pc
+        .watch(WatchPeersRequest {
+            local_only: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let ev = tokio::time::timeout(T, local_watch.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let p = ev.peer.unwrap();
+    assert_eq!((p.name.as_str(), p.hub_id.as_str()), ("agent0", "a"));
+    let mut agents = agents.into_iter();
+    let (a0, a1) = (agents.next().unwrap(), agents.next().unwrap());
+    a1.stop().await;
+    let left = loop {
+        let ev = tokio::time::timeout(T, watch.message())
+            .await
+            .expect("the other hub's release reaches the watcher")
+            .unwrap()
+            .unwrap();
+        let p = ev.peer.clone().unwrap();
+        if ev.kind == PeerEventKind::Left as i32 && p.name == "agent1" {
+            break p;
+        }
+    };
+    assert_eq!(left.hub_id, "b");
+    for a in std::iter::once(a0).chain(agents) {
         a.stop().await;
     }
     for h in hubs {

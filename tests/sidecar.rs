@@ -594,9 +594,7 @@ async fn admin_list_watch_health_and_reflection() {
     let ch = common::plain_channel(&hub.addr.unwrap().to_string()).await;
     let mut peers = PeersClient::new(ch.clone());
     let mut watch = peers
-        .watch(WatchPeersRequest {
-            skip_existing: false,
-        })
+        .watch(WatchPeersRequest::default())
         .await
         .unwrap()
         .into_inner();

@@ -58,29 +58,63 @@ impl Peers for HubApi {
         &self,
         request: Request<WatchPeersRequest>,
     ) -> Result<Response<EventStream>, Status> {
-        let skip_existing = request.into_inner().skip_existing;
+        let WatchPeersRequest {
+            skip_existing,
+            local_only,
+        } = request.into_inner();
+        // Subscribed before the snapshots are taken: nothing is lost between.
+        let cluster = self.cluster.clone();
+        let remote_rx = cluster
+            .as_ref()
+            .filter(|_| !local_only)
+            .map(|c| c.directory().events());
         let (snapshot, rx) = self.state.watch();
-        let existing = if skip_existing { Vec::new() } else { snapshot };
+        let mut existing = if skip_existing { Vec::new() } else { snapshot };
+        let hub_id = cluster.as_ref().map(|c| c.hub_id().to_string());
+        if let Some(id) = &hub_id {
+            for p in &mut existing {
+                p.hub_id = id.clone();
+            }
+        }
+        if let (Some(c), Some(_), false) = (&cluster, &remote_rx, skip_existing) {
+            existing.extend(c.remote_peers().await?);
+        }
         let first = futures::stream::iter(existing.into_iter().map(|p| {
             Ok(PeerEvent {
                 kind: Kind::Existing as i32,
                 peer: Some(p),
             })
         }));
-        let live = futures::stream::unfold(rx, |mut rx| async move {
-            match rx.recv().await {
-                Ok(ev) => Some((Ok(ev), rx)),
-                Err(broadcast::error::RecvError::Lagged(n)) => Some((
-                    Err(Status::data_loss(format!(
-                        "watcher fell {n} events behind; call List and Watch again"
-                    ))),
-                    rx,
-                )),
-                Err(broadcast::error::RecvError::Closed) => None,
+        let live = futures::stream::unfold(rx, move |mut rx| {
+            let hub_id = hub_id.clone();
+            async move {
+                match rx.recv().await {
+                    Ok(mut ev) => {
+                        if let (Some(p), Some(id)) = (ev.peer.as_mut(), hub_id) {
+                            p.hub_id = id;
+                        }
+                        Some((Ok(ev), rx))
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => Some((
+                        Err(Status::data_loss(format!(
+                            "watcher fell {n} events behind; call List and Watch again"
+                        ))),
+                        rx,
+                    )),
+                    Err(broadcast::error::RecvError::Closed) => None,
+                }
             }
         });
         use futures::StreamExt;
-        Ok(Response::new(Box::pin(first.chain(live))))
+        match (cluster, remote_rx) {
+            (Some(c), Some(events)) => {
+                let remote = c.remote_events(events);
+                Ok(Response::new(Box::pin(
+                    first.chain(futures::stream::select(live, remote)),
+                )))
+            }
+            _ => Ok(Response::new(Box::pin(first.chain(live)))),
+        }
     }
 }
 

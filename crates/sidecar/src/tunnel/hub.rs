@@ -19,6 +19,7 @@ use prometheus_client::{
 };
 use tracing::{debug, info, Instrument};
 
+use crate::hub::policy::PeerView;
 use crate::hub::{
     access::{Access, Permit},
     audit,
@@ -30,7 +31,6 @@ use crate::hub::{
     routing::CALLER_HEADER,
     state::{HubState, PeerCounters, Unroutable},
 };
-use crate::hub::policy::PeerView;
 use backchannel::PeerId;
 use backchannel_directory::Entry;
 
@@ -441,7 +441,14 @@ async fn refuse_upstream(
 ) {
     match err {
         TunnelError::Refused { kind, reason, .. } => {
-            refuse(caller, metrics, kind, "refused", format!("{label}: {reason}")).await
+            refuse(
+                caller,
+                metrics,
+                kind,
+                "refused",
+                format!("{label}: {reason}"),
+            )
+            .await
         }
         e => {
             refuse(

@@ -476,16 +476,58 @@ impl Cluster {
         Ok(entries
             .into_iter()
             .filter(|e| e.hub_id != self.hub_id)
-            .map(|e| Peer {
-                id: e.peer_id,
-                name: e.name,
-                labels: e.labels.into_iter().collect(),
-                generation: e.generation,
-                identity: e.identity,
-                hub_id: e.hub_id,
-                ..Default::default()
-            })
+            .map(peer_of)
             .collect())
+    }
+
+    /// The other hubs' claims and releases, as `Peers.Watch` events, from
+    /// `events` (subscribed before any snapshot is taken). Ends with
+    /// DATA_LOSS when events may have been missed: the watcher fell behind,
+    /// or the directory's feed was lost and came back.
+    pub fn remote_events(
+        self: Arc<Self>,
+        events: tokio::sync::broadcast::Receiver<Event>,
+    ) -> impl futures::Stream<Item = Result<crate::pb::hub::PeerEvent, Status>> + Send + 'static
+    {
+        use tokio::sync::broadcast::error::RecvError;
+        futures::stream::unfold(Some(events), move |rx| {
+            let this = self.clone();
+            async move {
+                let mut rx = rx?;
+                loop {
+                    let (kind, e) = match rx.recv().await {
+                        Ok(Event::Claimed(e)) => (Kind::Announced, e),
+                        Ok(Event::Released(e)) => (Kind::Left, e),
+                        Ok(Event::Disconnected(_)) => continue,
+                        Ok(Event::Connected) => {
+                            return Some((
+                                Err(Status::data_loss(
+                                    "the cluster directory's event feed was lost and is back; events may have been missed: call List and Watch again",
+                                )),
+                                None,
+                            ))
+                        }
+                        Err(RecvError::Lagged(n)) => {
+                            return Some((
+                                Err(Status::data_loss(format!(
+                                    "watcher fell {n} cluster events behind; call List and Watch again"
+                                ))),
+                                None,
+                            ))
+                        }
+                        Err(RecvError::Closed) => return None,
+                    };
+                    if e.hub_id == this.hub_id {
+                        continue; // this hub's own peers come from its own events
+                    }
+                    let ev = crate::pb::hub::PeerEvent {
+                        kind: kind as i32,
+                        peer: Some(peer_of(e)),
+                    };
+                    return Some((Ok(ev), Some(rx)));
+                }
+            }
+        })
     }
 
     /// Routes a call for `target`, a name this hub does not hold: looks it
@@ -590,11 +632,7 @@ impl Cluster {
     ) -> Result<backchannel::Tunnel<listenmux::BoxIo>, backchannel::TunnelError> {
         let side = format!("hub '{}'", entry.hub_id);
         let timeout = request.timeout();
-        let dialer = self
-            .hops
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .dialer();
+        let dialer = self.hops.lock().unwrap_or_else(|e| e.into_inner()).dialer();
         let io = dialer.dial(&entry.addr, timeout).await.map_err(|source| {
             backchannel::TunnelError::NoAnswer {
                 service: request.service().to_string(),
@@ -616,6 +654,19 @@ impl Cluster {
         headers: &http::HeaderMap,
     ) -> Option<Result<String, Status>> {
         self.auth.check(info, headers)
+    }
+}
+
+/// A directory entry as `Peers.List` shows it.
+fn peer_of(e: Entry) -> Peer {
+    Peer {
+        id: e.peer_id,
+        name: e.name,
+        labels: e.labels.into_iter().collect(),
+        generation: e.generation,
+        identity: e.identity,
+        hub_id: e.hub_id,
+        ..Default::default()
     }
 }
 
