@@ -46,9 +46,18 @@ pub trait CallObserver: Send + Sync + 'static {
 pub struct NoObserver;
 impl CallObserver for NoObserver {}
 
-/// The deadline a request carries in `grpc-timeout`, counted from now.
+/// How much earlier than the caller's `grpc-timeout` the proxy's own timer
+/// fires. tonic's server wraps every service in a timer started a moment
+/// before ours, and when it fires first the caller gets its CANCELLED
+/// "Timeout expired" instead of DEADLINE_EXCEEDED. The timer wheel has 1 ms
+/// ticks, so a lead of a few ticks makes ours always fire first.
+pub const DEADLINE_LEAD: Duration = Duration::from_millis(3);
+
+/// The deadline a request carries in `grpc-timeout`, counted from now, less
+/// [`DEADLINE_LEAD`].
 pub fn deadline_of(headers: &HeaderMap) -> Option<Instant> {
-    parse_grpc_timeout(headers.get("grpc-timeout")?).map(|d| Instant::now() + d)
+    parse_grpc_timeout(headers.get("grpc-timeout")?)
+        .map(|d| Instant::now() + d.saturating_sub(DEADLINE_LEAD))
 }
 
 /// Parses a `grpc-timeout` value: up to 8 digits and a unit (H M S m u n).
@@ -203,8 +212,12 @@ where
 /// says DEADLINE_EXCEEDED). A service behind a splicing agent receives the
 /// deadline and its timer fires about when ours does.
 fn tonic_timeout(headers: &HeaderMap) -> bool {
+    // grpc-message is percent-encoded on the wire.
     headers.get("grpc-status").map(|v| v.as_bytes()) == Some(b"1")
-        && headers.get("grpc-message").map(|v| v.as_bytes()) == Some(b"Timeout expired")
+        && matches!(
+            headers.get("grpc-message").map(|v| v.as_bytes()),
+            Some(b"Timeout%20expired" | b"Timeout expired")
+        )
 }
 
 fn is_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
@@ -433,6 +446,18 @@ impl tower::Service<http::Request<Body>> for ForwardAll {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tonic_timeout_answer_as_sent_on_the_wire() {
+        // What tonic's server sends when a grpc-timeout expires, exactly.
+        let mut h = Status::cancelled("Timeout expired").into_http::<Body>();
+        assert!(tonic_timeout(h.headers()), "{:?}", h.headers());
+        h.headers_mut()
+            .insert("grpc-message", HeaderValue::from_static("other"));
+        assert!(!tonic_timeout(h.headers()));
+        let h = Status::deadline_exceeded("Timeout expired").into_http::<Body>();
+        assert!(!tonic_timeout(h.headers()));
+    }
 
     #[test]
     fn grpc_timeout_units() {
