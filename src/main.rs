@@ -2,6 +2,7 @@
 
 use backchannel_sidecar::{agent, hub, peers_cmd};
 use clap::{Parser, Subcommand};
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
 #[derive(Parser)]
 #[command(
@@ -45,12 +46,21 @@ async fn main() -> anyhow::Result<()> {
         Command::Hub(_) => "warn,audit=info",
         _ => "warn",
     };
+    // The hub writes a line per routed call: a thread of its own writes
+    // them, not the task that finishes the call (flushed when `_logs` drops).
+    let (writer, _logs) = match cli.command {
+        Command::Hub(_) => {
+            let (logs, guard) = backchannel_sidecar::log_writer::stderr();
+            (BoxMakeWriter::new(move || logs.writer()), Some(guard))
+        }
+        _ => (BoxMakeWriter::new(std::io::stderr), None),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| default_filter.into()),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {

@@ -21,6 +21,7 @@
 pub mod addr;
 pub mod agent;
 pub mod hub;
+pub mod log_writer;
 pub mod peers_cmd;
 pub mod router;
 pub mod signal;
