@@ -29,6 +29,10 @@ pub struct TunnelBenchArgs {
     /// default: the sessions' default, 4 MiB).
     #[arg(long, value_parser = crate::parse_size)]
     pub window: Option<u64>,
+    /// Only the cases whose name contains one of these (comma-separated;
+    /// `direct tcp` always runs: it is the baseline), e.g. `library`.
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
 }
 
 const CHUNK: usize = 256 * 1024;
@@ -234,6 +238,13 @@ pub async fn run(a: &TunnelBenchArgs) -> anyhow::Result<()> {
     } else {
         &["direct tcp", "library tunnel", "hub+agent tunnel"]
     };
+    let cases: Vec<&str> = cases
+        .iter()
+        .copied()
+        .filter(|c| {
+            *c == "direct tcp" || a.only.is_empty() || a.only.iter().any(|o| c.contains(o.as_str()))
+        })
+        .collect();
     let mut results: Vec<(Vec<f64>, Vec<f64>)> = vec![(vec![], vec![]); cases.len()];
     for _round in 0..a.rounds {
         for (i, case) in cases.iter().enumerate() {
@@ -299,7 +310,14 @@ pub async fn run(a: &TunnelBenchArgs) -> anyhow::Result<()> {
         let cpu = median(results[i].1.clone());
         println!("{case:<22} {mbps:>10.0} {:>8.2} {cpu:>12.2}", mbps / base);
     }
-    if !have_socat {
+    if cases.contains(&"library tunnel") {
+        let st = client.session_stats();
+        println!(
+            "library tunnel session (client side): {} window stalls, send window {}, rtt {:?}",
+            st.window_stalls, st.send_window, st.rtt
+        );
+    }
+    if !have_socat && a.only.is_empty() {
         println!("(socat not installed: no socat chain)");
     }
     agent.stop().await;

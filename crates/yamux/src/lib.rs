@@ -13,10 +13,12 @@
 //!   syscall. Window updates credit the stream directly and wake it: no
 //!   frame channel, no missed wake-ups.
 //! * **Zero-copy receive.** The connection reads into one buffer and hands
-//!   each data frame to its stream as a `Bytes` slice of it; the stream's
-//!   `poll_read` copies it into the caller's buffer (one copy). Frames under
-//!   16 KiB are copied out instead, so that unread small frames do not keep
-//!   whole read buffers alive.
+//!   each data frame's body to its stream, as it arrives, as `Bytes` slices
+//!   of it; the stream's `poll_read` copies them into the caller's buffer
+//!   (one copy). Pieces under 16 KiB are copied out instead, so that unread
+//!   small frames do not keep whole read buffers alive. A bulk transfer
+//!   cycles through the same few read buffer allocations, reused once their
+//!   slices are read, rather than a fresh one per read.
 //! * **Bounded memory, whatever the peer does.**
 //!   - Received data: a stream holds at most its receive window (a peer that
 //!     sends more breaks the protocol and the session ends with GoAway), and
@@ -29,8 +31,11 @@
 //!     with [`ResetReason::BufferBudget`]) until it fits, so a stream nobody
 //!     reads pays, not the one whose frame came next. The memory held for
 //!     unread data is at most the budget (twice that counting the growth
-//!     slack of copy buffers), plus one read buffer (up to 256 KiB plus one
-//!     frame) being filled and 16 KiB per stream of emptied copy buffer.
+//!     slack of copy buffers), plus one read buffer (up to 256 KiB) being
+//!     filled and 16 KiB per stream of emptied copy buffer; a session that
+//!     reads in bulk also keeps read buffers whose slices were read, for
+//!     reuse, up to the stream window (at least 512 KiB) in bytes, until it
+//!     has read nothing for half a second.
 //!     [`Control::buffered_bytes`] reports the charged bytes.
 //!   - Streams: at most [`Config::with_max_streams`]; a dropped stream whose
 //!     peer never closes its half is reset after

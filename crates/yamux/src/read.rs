@@ -2,6 +2,7 @@
 //! dispatches them to the streams.
 
 use std::{
+    future::Future,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll, Waker},
@@ -26,14 +27,25 @@ use crate::{
 /// The connection stops reading while this much output is queued: only a
 /// peer that makes us answer (pings) faster than it reads gets here.
 pub(crate) const OUT_PAUSE: usize = 2 * crate::stream::OUT_HIGH;
-/// Read sizes when no larger frame is expected: the size adapts between
-/// these, doubling when a read fills the buffer and halving when reads come
-/// back small, so bulk transfers make few syscalls and small calls do not
-/// allocate large buffers.
+/// Read buffer sizes: the size adapts between these, doubling when a read
+/// fills the buffer and halving when reads come back small, so bulk
+/// transfers make few syscalls and small calls do not allocate large
+/// buffers.
 const MIN_READ_CHUNK: usize = 16 * 1024;
 const MAX_READ_CHUNK: usize = 256 * 1024;
-/// Below this much free space the read buffer grows before a read.
+/// Below this much free space the read buffer is replaced before a read.
 const MIN_SPARE: usize = 4 * 1024;
+/// Read buffer allocations kept for reuse beside the one being filled: a
+/// bulk transfer cycles through the same (warm) allocations instead of a
+/// fresh one per read, which the allocator would hand back to the kernel
+/// and fault in again page by page. Those still holding unread slices are
+/// charged to the budget as usual; those nothing holds any more are kept
+/// up to the stream window in bytes (see `ReadSide::max_free`).
+const MAX_SPARES: usize = 64;
+/// A session that read in bulk (larger read buffers than the smallest)
+/// keeps its read buffers while reads keep coming; it frees them once a
+/// full period passes without any.
+const IDLE_RELEASE: std::time::Duration = std::time::Duration::from_millis(500);
 /// Data frames shorter than this are copied out of the read buffer, into
 /// the stream's `tail`, rather than sliced from it: an unread slice keeps
 /// the whole buffer it came from alive (up to a read chunk plus the frame),
@@ -57,8 +69,22 @@ pub(crate) struct ReadSide<T> {
     shared: Arc<Shared>,
     pub(crate) accept: Option<mpsc::Sender<Stream>>,
     rbuf: BytesMut,
-    /// A data header whose body is still being read.
-    pending: Option<Header>,
+    /// Earlier read buffer allocations (emptied handles), reused once no
+    /// slice of them is left (see [`MAX_SPARES`]).
+    spares: Vec<BytesMut>,
+    /// A data frame whose body is still arriving, and how much of it: the
+    /// body is delivered as it arrives, so no partial frame is ever copied
+    /// into a new read buffer.
+    pending: Option<(Header, usize)>,
+    /// Frees the read buffers of a bulk reader gone quiet (see
+    /// [`IDLE_RELEASE`]).
+    idle: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Bytes were read since `idle` was last armed.
+    active: bool,
+    /// Most bytes of spare allocations that nothing holds kept for reuse:
+    /// the stream window (a reader that lags by a window and then catches
+    /// up frees that much at once), at least two read buffers.
+    max_free: usize,
     /// Body bytes of a frame for a stream we no longer have.
     skip: usize,
     paused: bool,
@@ -72,12 +98,17 @@ pub(crate) struct ReadSide<T> {
 
 impl<T: AsyncRead> ReadSide<T> {
     pub(crate) fn new(io: ReadHalf<T>, shared: Arc<Shared>, accept: mpsc::Sender<Stream>) -> Self {
+        let window = shared.lock().window as usize;
         ReadSide {
+            max_free: window.max(2 * MAX_READ_CHUNK),
             io,
             shared,
             accept: Some(accept),
             rbuf: BytesMut::new(),
+            spares: Vec::new(),
             pending: None,
+            idle: None,
+            active: false,
             skip: 0,
             paused: false,
             read_chunk: MIN_READ_CHUNK,
@@ -102,23 +133,8 @@ impl<T: AsyncRead> ReadSide<T> {
                 }
                 self.paused = false;
             }
-            // Room for what the pending frame still lacks (so a large frame
-            // lands in one buffer, read straight from the socket), or a chunk.
-            let need = self
-                .pending
-                .map_or(HEADER_LEN, |h| HEADER_LEN + h.length as usize)
-                .saturating_sub(self.rbuf.len());
-            let spare = self.rbuf.capacity() - self.rbuf.len();
-            if spare < need || spare < MIN_SPARE {
-                let before = self.rbuf.as_ptr();
-                self.rbuf.reserve(need.max(self.read_chunk));
-                let now = self.rbuf.len() + self.rbuf.capacity();
-                if self.rbuf.as_ptr() == before {
-                    self.alloc = self.alloc.max(now);
-                } else {
-                    self.alloc = now;
-                    self.alloc_gen += 1;
-                }
+            if self.rbuf.capacity() - self.rbuf.len() < MIN_SPARE {
+                self.refill();
             }
             let spare = self.rbuf.capacity() - self.rbuf.len();
             match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf) {
@@ -130,14 +146,12 @@ impl<T: AsyncRead> ReadSide<T> {
                         self.read_chunk = (self.read_chunk / 2).max(MIN_READ_CHUNK);
                     }
                     progress = true;
+                    self.active = true;
                     self.process(keepalive, wake)?;
                 }
                 Poll::Ready(Err(e)) => return Err(e.into()),
                 Poll::Pending => {
-                    if self.rbuf.is_empty() && self.pending.is_none() {
-                        // Idle: give the buffer back.
-                        self.rbuf = BytesMut::new();
-                    }
+                    self.poll_idle(cx);
                     return Ok(progress);
                 }
             }
@@ -145,7 +159,115 @@ impl<T: AsyncRead> ReadSide<T> {
         Ok(progress)
     }
 
-    /// Dispatches every complete frame in the read buffer.
+    /// Makes room in `rbuf` (which holds at most part of a header now) for a
+    /// read of `read_chunk` bytes: in its own allocation if no slice of it
+    /// is left, else in a spare no slice of which is left, else in a new
+    /// allocation. The allocation given up becomes a spare.
+    fn refill(&mut self) {
+        let want = self.read_chunk;
+        if !self.rbuf.try_reclaim(want) {
+            let fresh = match self.take_spare(Some(want)) {
+                Some(b) => b,
+                None => BytesMut::with_capacity(want),
+            };
+            let mut old = std::mem::replace(&mut self.rbuf, fresh);
+            self.rbuf.extend_from_slice(&old);
+            if self.alloc >= MIN_READ_CHUNK {
+                old.clear();
+                self.spares.push(old);
+                if self.spares.len() > MAX_SPARES {
+                    // Its slices keep it alive until they are read.
+                    self.spares.remove(0);
+                }
+            }
+        }
+        // A new allocation, or one nothing else holds any more: charged
+        // anew when slices of it are kept.
+        self.alloc = self.rbuf.capacity();
+        self.alloc_gen += 1;
+    }
+
+    /// With `want`, a spare allocation of at least that many bytes that no
+    /// slice holds any more (the oldest), reclaimed for reading (smaller
+    /// ones nothing holds are dropped). Other spares nothing holds are kept
+    /// up to `max_free` bytes.
+    fn take_spare(&mut self, want: Option<usize>) -> Option<BytesMut> {
+        let mut found = None;
+        let mut free = 0;
+        let mut i = 0;
+        while i < self.spares.len() {
+            // Every spare has room for this much once nothing holds it.
+            if self.spares[i].try_reclaim(MIN_READ_CHUNK) {
+                if let Some(want) = want {
+                    if self.spares[i].capacity() < want {
+                        self.spares.remove(i);
+                        continue;
+                    }
+                }
+                if found.is_none() && want.is_some() {
+                    found = Some(self.spares.remove(i));
+                    continue;
+                }
+                let size = self.spares[i].capacity();
+                if free + size > self.max_free {
+                    self.spares.remove(i);
+                    continue;
+                }
+                free += size;
+            }
+            i += 1;
+        }
+        found
+    }
+
+    /// The transport has nothing to read: frees the read buffers unless
+    /// this is a bulk reader that read within the last [`IDLE_RELEASE`].
+    fn poll_idle(&mut self, cx: &mut Context<'_>) {
+        if self.read_chunk == MIN_READ_CHUNK {
+            self.release_buffers();
+            return;
+        }
+        // Spares whose slices were read meanwhile: keep up to `max_free`.
+        let _ = self.take_spare(None);
+        let fired = match &mut self.idle {
+            None => {
+                let mut sleep = Box::pin(tokio::time::sleep(IDLE_RELEASE));
+                // Registers the timer with this task.
+                let _ = sleep.as_mut().poll(cx);
+                self.idle = Some(sleep);
+                self.active = false;
+                return;
+            }
+            Some(sleep) => sleep.as_mut().poll(cx).is_ready(),
+        };
+        if !fired {
+            return;
+        }
+        if std::mem::take(&mut self.active) {
+            if let Some(sleep) = &mut self.idle {
+                sleep
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + IDLE_RELEASE);
+                let _ = sleep.as_mut().poll(cx);
+            }
+        } else {
+            self.read_chunk = MIN_READ_CHUNK;
+            self.release_buffers();
+        }
+    }
+
+    /// Gives the read buffers back (a partial header is kept in a copy).
+    fn release_buffers(&mut self) {
+        self.idle = None;
+        self.spares = Vec::new();
+        if self.alloc > 0 {
+            self.rbuf = BytesMut::from(&self.rbuf[..]);
+            self.alloc = 0;
+        }
+    }
+
+    /// Dispatches every complete frame in the read buffer, and the part of
+    /// a data frame's body that has arrived.
     fn process(
         &mut self,
         keepalive: &mut Keepalive,
@@ -181,8 +303,8 @@ impl<T: AsyncRead> ReadSide<T> {
                     return Ok(());
                 }
             }
-            let h = match self.pending {
-                Some(h) => h,
+            let (h, left) = match self.pending {
+                Some(p) => p,
                 None => {
                     let Some(head) = self.rbuf.first_chunk::<HEADER_LEN>() else {
                         return Ok(());
@@ -201,35 +323,43 @@ impl<T: AsyncRead> ReadSide<T> {
                             continue;
                         }
                         Next::Body => {
-                            self.pending = Some(h);
-                            h
+                            self.rbuf.advance(HEADER_LEN);
+                            (h, h.length as usize)
                         }
                     }
                 }
             };
-            let len = h.length as usize;
-            if self.rbuf.len() < HEADER_LEN + len {
+            let n = left.min(self.rbuf.len());
+            let rest = left - n;
+            self.pending = Some((h, rest));
+            if n == 0 {
                 return Ok(());
             }
-            self.pending = None;
-            self.rbuf.advance(HEADER_LEN);
             let id = h.id();
             match inner.streams.get(&id) {
                 Some(st) if st.detached && !st.remote_closed => {
                     // The handle went away while the body was arriving:
                     // nobody will read it.
-                    self.rbuf.advance(len);
+                    self.rbuf.advance(n);
                     inner.remove(id);
                     inner.push(Header::rst(id));
+                    self.pending = None;
+                    self.skip = rest;
                     continue;
                 }
                 Some(st) if st.reset.is_none() => {
-                    if !self.deliver(inner, id, len, wake) {
+                    if !self.deliver(inner, id, n, wake) {
+                        self.pending = None;
+                        self.skip = rest;
                         continue;
                     }
                 }
-                _ => self.rbuf.advance(len),
+                _ => self.rbuf.advance(n),
             }
+            if rest > 0 {
+                return Ok(());
+            }
+            self.pending = None;
             apply_flags(inner, id, h.flags, wake);
         }
     }

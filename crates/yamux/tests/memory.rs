@@ -72,6 +72,12 @@ fn reset_peak() -> usize {
 
 const MIB: usize = 1024 * 1024;
 
+/// Read buffers a session that read in bulk keeps for reuse until it has
+/// been idle for a while: the one being filled and free spares up to two
+/// read buffers (the 256 KiB window of these tests), 256 KiB each, plus
+/// spares freed since the connection task last ran.
+const RETAINED: usize = 5 * 256 * 1024;
+
 /// A loopback TCP pair whose sockets have `size`-byte send and receive
 /// buffers: (peer, ours).
 async fn small_buffer_pair(size: u32) -> (TcpStream, TcpStream) {
@@ -240,8 +246,11 @@ async fn small_unread_frames_do_not_pin_large_read_buffers() {
             "{rounds} unread frames of {small} B ({unread} B) hold {} KiB of heap",
             held / 1024
         );
+        // What stays: read buffers a bulk reader keeps for reuse until it
+        // goes idle (one being filled, spares up to two read buffers for
+        // this window), and copy buffers.
         assert!(
-            after < 256 * 1024,
+            after < 256 * 1024 + RETAINED,
             "{} KiB still held after the stream was dropped",
             after / 1024
         );
@@ -261,8 +270,11 @@ async fn large_unread_frames_pin_a_bounded_multiple_of_the_window() {
             "{rounds} unread frames of {size} B ({unread} B) hold {} KiB of heap",
             held / 1024
         );
+        // What stays: read buffers a bulk reader keeps for reuse until it
+        // goes idle (one being filled, spares up to two read buffers for
+        // this window), and copy buffers.
         assert!(
-            after < 256 * 1024,
+            after < 256 * 1024 + RETAINED,
             "{} KiB still held after the stream was dropped",
             after / 1024
         );
