@@ -129,6 +129,9 @@ impl<T: AsyncRead> ReadSide<T> {
         for _ in 0..BUDGET {
             if self.paused {
                 if self.shared.lock().out.len() >= OUT_PAUSE {
+                    // Spares whose slices were read meanwhile: keep up to
+                    // `max_free` while the peer keeps us paused.
+                    let _ = self.take_spare(None);
                     return Ok(progress);
                 }
                 self.paused = false;
@@ -165,14 +168,25 @@ impl<T: AsyncRead> ReadSide<T> {
     /// allocation. The allocation given up becomes a spare.
     fn refill(&mut self) {
         let want = self.read_chunk;
-        if !self.rbuf.try_reclaim(want) {
+        if self.rbuf.try_reclaim(want) {
+            // Spares whose slices were read meanwhile: keep up to `max_free`
+            // (a reader that always reuses its own allocation would never
+            // trim them otherwise).
+            let _ = self.take_spare(None);
+        } else {
             let fresh = match self.take_spare(Some(want)) {
                 Some(b) => b,
                 None => BytesMut::with_capacity(want),
             };
             let mut old = std::mem::replace(&mut self.rbuf, fresh);
             self.rbuf.extend_from_slice(&old);
-            if self.alloc >= MIN_READ_CHUNK {
+            // Only a tail smaller than MIN_READ_CHUNK may become a spare:
+            // `take_spare` tells a spare nothing holds any more by its
+            // reclaiming MIN_READ_CHUNK, which a larger tail would do
+            // without the rest of the allocation being free. (Dropping a
+            // tail is always safe: its slices keep the allocation alive,
+            // and charged, until they are read.)
+            if self.alloc >= MIN_READ_CHUNK && old.capacity() < MIN_READ_CHUNK {
                 old.clear();
                 self.spares.push(old);
                 if self.spares.len() > MAX_SPARES {
@@ -263,6 +277,8 @@ impl<T: AsyncRead> ReadSide<T> {
         if self.alloc > 0 {
             self.rbuf = BytesMut::from(&self.rbuf[..]);
             self.alloc = 0;
+            // A new allocation: never mistaken for the one given up.
+            self.alloc_gen += 1;
         }
     }
 
