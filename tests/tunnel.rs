@@ -77,13 +77,19 @@ async fn half_close_service() -> (String, tokio::task::JoinHandle<()>) {
     (addr, task)
 }
 
-/// A service that sends 1 MiB of stream 6, then resets its connection.
+/// A service that waits for one byte (so the agent's connect has long
+/// completed: a reset racing the handshake would read as "cannot connect"),
+/// sends 1 MiB of stream 6, then resets its connection.
 async fn reset_service() -> (String, tokio::task::JoinHandle<()>) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap().to_string();
     let task = tokio::spawn(async move {
         while let Ok((mut tcp, _)) = l.accept().await {
             tokio::spawn(async move {
+                let mut go = [0u8; 1];
+                if tcp.read_exact(&mut go).await.is_err() {
+                    return;
+                }
                 send_stream(&mut tcp, 6, MIB).await;
                 // A zero linger: dropping the socket sends RST.
                 #[allow(deprecated)]
@@ -262,7 +268,9 @@ async fn agent_killed_mid_tunnel_is_an_error_for_the_caller() {
 async fn a_service_that_resets_is_an_error_for_the_caller_not_an_end() {
     let s = setup(None, None).await;
     let dialer = Dialer::new(&args(&s.hub_addr, "box", "rst")).unwrap();
-    let (mut r, _w) = dialer.open().await.unwrap();
+    let (mut r, mut w) = dialer.open().await.unwrap();
+    w.write_all(b"g").await.unwrap();
+    w.flush().await.unwrap();
     // The reset may discard some of what the service sent (the kernel
     // drops unread data on RST): whatever arrives is a correct prefix, and
     // then an error, never a clean end.
