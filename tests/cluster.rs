@@ -26,7 +26,7 @@ use backchannel_sidecar::{
     },
     tunnel::cli::{Dialer, TunnelArgs},
 };
-use backchannel_testkit::pattern::{check_stream, stream_slice};
+use backchannel_testkit::pattern::{check_stream, read_stream, write_stream};
 use futures::{Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -627,28 +627,6 @@ async fn tcp_echo() -> String {
     addr
 }
 
-async fn send_pattern<W: AsyncWrite + Unpin>(w: &mut W, seed: u64, total: u64) {
-    let mut off = 0;
-    while off < total {
-        let n = (total - off).min(256 * 1024) as usize;
-        w.write_all(stream_slice(seed, off, n)).await.unwrap();
-        off += n as u64;
-    }
-}
-
-async fn recv_pattern<R: AsyncRead + Unpin>(r: &mut R, seed: u64) -> std::io::Result<u64> {
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut off = 0;
-    loop {
-        let n = r.read(&mut buf).await?;
-        if n == 0 {
-            return Ok(off);
-        }
-        check_stream(seed, off, &buf[..n]);
-        off += n as u64;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tunnels_cross_hubs_like_calls() {
     const MIB: u64 = 1024 * 1024;
@@ -669,10 +647,10 @@ async fn tunnels_cross_hubs_like_calls() {
     let dialer = Dialer::new(&tunnel_args(&a, "tbox", "echo")).unwrap();
     let (mut r, mut w) = dialer.open().await.unwrap();
     let send = async {
-        send_pattern(&mut w, 31, 64 * MIB).await;
+        write_stream(&mut w, 31, 64 * MIB).await;
         w.shutdown().await.unwrap();
     };
-    let ((), got) = tokio::join!(send, recv_pattern(&mut r, 31));
+    let ((), got) = tokio::join!(send, read_stream(&mut r, 31));
     assert_eq!(got.unwrap(), 64 * MIB);
 
     // The far side's refusal reaches the caller, naming the hub it crossed.
@@ -718,7 +696,7 @@ async fn tunnels_cross_hubs_like_calls() {
     // The agent dies mid-tunnel: the caller on the other hub gets an
     // error naming the peer, never a clean end.
     let (mut r, mut w) = dialer.open().await.unwrap();
-    send_pattern(&mut w, 32, MIB).await;
+    write_stream(&mut w, 32, MIB).await;
     let mut buf = vec![0u8; MIB as usize];
     r.read_exact(&mut buf).await.unwrap();
     check_stream(32, 0, &buf);

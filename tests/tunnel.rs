@@ -13,7 +13,7 @@ use backchannel_sidecar::{
     pb::hub::{peers_client::PeersClient, ListPeersRequest},
     tunnel::cli::{Dialer, TunnelArgs},
 };
-use backchannel_testkit::pattern::{check_stream, stream_slice};
+use backchannel_testkit::pattern::{check_stream, read_stream, write_stream};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::TcpListener,
@@ -21,28 +21,6 @@ use tokio::{
 
 const T: Duration = Duration::from_secs(30);
 const MIB: u64 = 1024 * 1024;
-
-async fn send_stream<W: AsyncWrite + Unpin>(w: &mut W, seed: u64, total: u64) {
-    let mut off = 0;
-    while off < total {
-        let n = (total - off).min(256 * 1024) as usize;
-        w.write_all(stream_slice(seed, off, n)).await.unwrap();
-        off += n as u64;
-    }
-}
-
-async fn recv_stream<R: AsyncRead + Unpin>(r: &mut R, seed: u64) -> std::io::Result<u64> {
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut off = 0;
-    loop {
-        let n = r.read(&mut buf).await?;
-        if n == 0 {
-            return Ok(off);
-        }
-        check_stream(seed, off, &buf[..n]);
-        off += n as u64;
-    }
-}
 
 /// A TCP echo service that half-closes when its client does.
 async fn echo_service() -> (String, tokio::task::JoinHandle<()>) {
@@ -67,9 +45,9 @@ async fn half_close_service() -> (String, tokio::task::JoinHandle<()>) {
     let task = tokio::spawn(async move {
         while let Ok((mut tcp, _)) = l.accept().await {
             tokio::spawn(async move {
-                let got = recv_stream(&mut tcp, 3).await.unwrap();
+                let got = read_stream(&mut tcp, 3).await.unwrap();
                 assert_eq!(got, 3 * MIB);
-                send_stream(&mut tcp, 4, 2 * MIB).await;
+                write_stream(&mut tcp, 4, 2 * MIB).await;
                 tcp.shutdown().await.unwrap();
             });
         }
@@ -90,7 +68,7 @@ async fn reset_service() -> (String, tokio::task::JoinHandle<()>) {
                 if tcp.read_exact(&mut go).await.is_err() {
                     return;
                 }
-                send_stream(&mut tcp, 6, MIB).await;
+                write_stream(&mut tcp, 6, MIB).await;
                 // A zero linger: dropping the socket sends RST.
                 #[allow(deprecated)]
                 tcp.set_linger(Some(Duration::ZERO)).unwrap();
@@ -167,10 +145,10 @@ async fn one_gib_each_way_through_hub_and_agent() {
     let dialer = Dialer::new(&args(&s.hub_addr, "box", "echo")).unwrap();
     let (mut r, mut w) = dialer.open().await.unwrap();
     let send = async {
-        send_stream(&mut w, 21, 1024 * MIB).await;
+        write_stream(&mut w, 21, 1024 * MIB).await;
         w.shutdown().await.unwrap();
     };
-    let ((), got) = tokio::join!(send, recv_stream(&mut r, 21));
+    let ((), got) = tokio::join!(send, read_stream(&mut r, 21));
     assert_eq!(got.unwrap(), 1024 * MIB);
     // Counted per peer in Peers.List.
     let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", s.hub_addr))
@@ -202,10 +180,10 @@ async fn hundred_concurrent_tunnels_and_half_close() {
         tasks.push(tokio::spawn(async move {
             let (mut r, mut w) = dialer.open().await.unwrap();
             let send = async {
-                send_stream(&mut w, 200 + i, MIB).await;
+                write_stream(&mut w, 200 + i, MIB).await;
                 w.shutdown().await.unwrap();
             };
-            let ((), got) = tokio::join!(send, recv_stream(&mut r, 200 + i));
+            let ((), got) = tokio::join!(send, read_stream(&mut r, 200 + i));
             got.unwrap()
         }));
     }
@@ -216,9 +194,9 @@ async fn hundred_concurrent_tunnels_and_half_close() {
     // and only then answers.
     let dialer = Dialer::new(&args(&s.hub_addr, "box", "half")).unwrap();
     let (mut r, mut w) = dialer.open().await.unwrap();
-    send_stream(&mut w, 3, 3 * MIB).await;
+    write_stream(&mut w, 3, 3 * MIB).await;
     w.shutdown().await.unwrap();
-    assert_eq!(recv_stream(&mut r, 4).await.unwrap(), 2 * MIB);
+    assert_eq!(read_stream(&mut r, 4).await.unwrap(), 2 * MIB);
     s.agent.unwrap().stop().await;
     s.hub.shutdown().await;
 }
@@ -249,7 +227,7 @@ async fn agent_killed_mid_tunnel_is_an_error_for_the_caller() {
     let mut s = setup(None, None).await;
     let dialer = Dialer::new(&args(&s.hub_addr, "box", "echo")).unwrap();
     let (mut r, mut w) = dialer.open().await.unwrap();
-    send_stream(&mut w, 5, MIB).await;
+    write_stream(&mut w, 5, MIB).await;
     let mut buf = vec![0u8; MIB as usize];
     r.read_exact(&mut buf).await.unwrap();
     check_stream(5, 0, &buf);
@@ -389,10 +367,10 @@ async fn the_binary_with_stdio_relays_and_exits_when_the_far_side_ends() {
     let mut stdin = child.stdin.take().unwrap();
     let mut stdout = child.stdout.take().unwrap();
     let send = async {
-        send_stream(&mut stdin, 6, 16 * MIB).await;
+        write_stream(&mut stdin, 6, 16 * MIB).await;
         drop(stdin); // EOF: the tunnel half-closes, the echo service ends
     };
-    let ((), got) = tokio::join!(send, recv_stream(&mut stdout, 6));
+    let ((), got) = tokio::join!(send, read_stream(&mut stdout, 6));
     assert_eq!(got.unwrap(), 16 * MIB);
     let status = tokio::time::timeout(T, child.wait())
         .await
@@ -467,10 +445,10 @@ async fn the_binary_with_listen_makes_one_tunnel_per_connection() {
             let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
             let (mut r, mut w) = tcp.into_split();
             let send = async {
-                send_stream(&mut w, 40 + i, 4 * MIB).await;
+                write_stream(&mut w, 40 + i, 4 * MIB).await;
                 w.shutdown().await.unwrap();
             };
-            let ((), got) = tokio::join!(send, recv_stream(&mut r, 40 + i));
+            let ((), got) = tokio::join!(send, read_stream(&mut r, 40 + i));
             got.unwrap()
         }));
     }

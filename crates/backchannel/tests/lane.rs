@@ -8,7 +8,7 @@ use backchannel::{
     TunnelRequest, Tunnels,
 };
 use backchannel_testkit::{
-    pattern::{check_stream, stream_slice},
+    pattern::{check_stream, read_stream, stream_slice, write_stream},
     pb::bench::{
         bench_client::BenchClient,
         bench_server::{Bench, BenchServer},
@@ -22,30 +22,6 @@ use tokio::{
 use tonic::{service::Routes, Request, Response, Status, Streaming};
 
 const MIB: u64 = 1024 * 1024;
-
-/// Writes `total` bytes of stream `seed` in chunks of up to 256 KiB.
-async fn send_stream<W: AsyncWrite + Unpin>(w: &mut W, seed: u64, total: u64) {
-    let mut off = 0;
-    while off < total {
-        let n = (total - off).min(256 * 1024) as usize;
-        w.write_all(stream_slice(seed, off, n)).await.unwrap();
-        off += n as u64;
-    }
-}
-
-/// Reads to EOF, checking every byte against stream `seed`; returns the count.
-async fn recv_stream<R: AsyncRead + Unpin>(r: &mut R, seed: u64) -> std::io::Result<u64> {
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut off = 0;
-    loop {
-        let n = r.read(&mut buf).await?;
-        if n == 0 {
-            return Ok(off);
-        }
-        check_stream(seed, off, &buf[..n]);
-        off += n as u64;
-    }
-}
 
 /// Bench.Echo opens the call's sidechannel: it reads the client's bytes
 /// (stream 1) to the flush packet, then sends back the number of bytes the
@@ -64,10 +40,10 @@ impl Bench for SideBench {
             Err(e @ SidechannelError::NoSidechannelId) => return Err(e.into()),
             Err(e) => return Err(Status::aborted(e.to_string())),
         };
-        let got = recv_stream(&mut side, 1)
+        let got = read_stream(&mut side, 1)
             .await
             .map_err(|e| Status::data_loss(format!("{:?}: {e}", e.kind())))?;
-        send_stream(&mut side, 2, back).await;
+        write_stream(&mut side, 2, back).await;
         side.shutdown()
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
@@ -101,9 +77,9 @@ fn echo_tunnels() -> Tunnels {
         // half-close in both directions.
         .handle("half", |t| async move {
             if let Ok(mut t) = t.accept().await {
-                let got = recv_stream(&mut t, 3).await.unwrap();
+                let got = read_stream(&mut t, 3).await.unwrap();
                 assert_eq!(got, 3 * MIB);
-                send_stream(&mut t, 4, MIB).await;
+                write_stream(&mut t, 4, MIB).await;
                 t.shutdown().await.unwrap();
             }
         })
@@ -199,10 +175,10 @@ async fn sidechannel_64mib_each_way_beside_a_call() {
         .unwrap();
     let (mut r, mut w) = tokio::io::split(&mut side);
     let up = async {
-        send_stream(&mut w, 1, 64 * MIB).await;
+        write_stream(&mut w, 1, 64 * MIB).await;
         w.shutdown().await.unwrap(); // the flush packet
     };
-    let down = recv_stream(&mut r, 2);
+    let down = read_stream(&mut r, 2);
     let ((), got) = tokio::join!(up, down);
     assert_eq!(got.unwrap(), 64 * MIB);
     let resp = call.await.unwrap().unwrap().into_inner();
@@ -276,10 +252,10 @@ async fn tunnels_both_ways_byte_checked_with_half_close() {
     let run = |t: backchannel::Tunnel, seed: u64| async move {
         let (mut r, mut w) = tokio::io::split(t);
         let send = async {
-            send_stream(&mut w, seed, 128 * MIB).await;
+            write_stream(&mut w, seed, 128 * MIB).await;
             w.shutdown().await.unwrap();
         };
-        let ((), got) = tokio::join!(send, recv_stream(&mut r, seed));
+        let ((), got) = tokio::join!(send, read_stream(&mut r, seed));
         got.unwrap()
     };
     let (a, b) = tokio::join!(run(down, 11), run(up, 12));
@@ -297,11 +273,11 @@ async fn tunnels_both_ways_byte_checked_with_half_close() {
             .unwrap(),
     ] {
         let mut t = t;
-        send_stream(&mut t, 3, 3 * MIB).await;
+        write_stream(&mut t, 3, 3 * MIB).await;
         t.shutdown().await.unwrap();
         let err = t.write_all(b"x").await.unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::BrokenPipe, "{err}");
-        assert_eq!(recv_stream(&mut t, 4).await.unwrap(), MIB);
+        assert_eq!(read_stream(&mut t, 4).await.unwrap(), MIB);
     }
 
     // Metadata, the side's name, refusal with a reason, unknown service.
@@ -379,10 +355,10 @@ async fn hundred_concurrent_tunnels() {
             };
             let (mut r, mut w) = tokio::io::split(t.unwrap());
             let send = async {
-                send_stream(&mut w, 100 + i, MIB).await;
+                write_stream(&mut w, 100 + i, MIB).await;
                 w.shutdown().await.unwrap();
             };
-            let ((), got) = tokio::join!(send, recv_stream(&mut r, 100 + i));
+            let ((), got) = tokio::join!(send, read_stream(&mut r, 100 + i));
             got.unwrap()
         }));
     }
@@ -479,9 +455,9 @@ async fn a_stalled_tunnel_does_not_slow_calls_or_other_tunnels() {
         .open_tunnel(TunnelRequest::new("echo"))
         .await
         .unwrap();
-    send_stream(&mut t, 5, 8 * MIB).await;
+    write_stream(&mut t, 5, 8 * MIB).await;
     t.shutdown().await.unwrap();
-    assert_eq!(recv_stream(&mut t, 5).await.unwrap(), 8 * MIB);
+    assert_eq!(read_stream(&mut t, 5).await.unwrap(), 8 * MIB);
 }
 
 #[tokio::test]

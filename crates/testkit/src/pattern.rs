@@ -53,6 +53,42 @@ pub fn check_stream(seed: u64, offset: u64, got: &[u8]) {
     }
 }
 
+/// Writes `total` bytes of stream `seed` to `w`, in chunks of up to
+/// 256 KiB (no shutdown).
+pub async fn write_stream<W>(w: &mut W, seed: u64, total: u64)
+where
+    W: tokio::io::AsyncWrite + Unpin + ?Sized,
+{
+    use tokio::io::AsyncWriteExt;
+    let mut off = 0;
+    while off < total {
+        let n = (total - off).min(256 * 1024) as usize;
+        w.write_all(stream_slice(seed, off, n))
+            .await
+            .expect("writing the stream");
+        off += n as u64;
+    }
+}
+
+/// Reads `r` to EOF, checking every byte against stream `seed` (panics at
+/// the first wrong one); returns the count, or the read error.
+pub async fn read_stream<R>(r: &mut R, seed: u64) -> std::io::Result<u64>
+where
+    R: tokio::io::AsyncRead + Unpin + ?Sized,
+{
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut off = 0;
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(off);
+        }
+        check_stream(seed, off, &buf[..n]);
+        off += n as u64;
+    }
+}
+
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 /// Byte `i` of every benchmark stream: lets both ends check the data.

@@ -186,281 +186,242 @@ fn hop_headers(request: &TunnelRequest) -> http::HeaderMap {
     h
 }
 
+/// Why a tunnel is not opened: what the caller is told, and the metrics
+/// result.
+struct Refusal {
+    kind: RefusalKind,
+    result: &'static str,
+    reason: String,
+}
+
+impl Refusal {
+    fn new(kind: RefusalKind, result: &'static str, reason: impl Into<String>) -> Self {
+        Refusal {
+            kind,
+            result,
+            reason: reason.into(),
+        }
+    }
+
+    fn denied(reason: impl Into<String>) -> Self {
+        Self::new(RefusalKind::Denied, "denied", reason)
+    }
+
+    fn unavailable(reason: impl Into<String>) -> Self {
+        Self::new(RefusalKind::Unavailable, "unavailable", reason)
+    }
+
+    /// The far side (the agent, or the hub holding it) did not open it.
+    fn upstream(label: &str, err: TunnelError) -> Self {
+        match err {
+            TunnelError::Refused { kind, reason, .. } => {
+                Self::new(kind, "refused", format!("{label}: {reason}"))
+            }
+            e => Self::unavailable(format!("{label}: {e}")),
+        }
+    }
+}
+
+/// The far side's tunnel, opened.
+enum Opened {
+    /// On a peer of this hub.
+    Local {
+        upstream: backchannel::Tunnel,
+        counters: Arc<PeerCounters>,
+    },
+    /// Over a hop to the hub holding the peer.
+    Hop {
+        upstream: backchannel::Tunnel<BoxIo>,
+    },
+}
+
+/// A tunnel the policy allowed and the far side opened.
+struct Route {
+    opened: Opened,
+    label: String,
+    identity: String,
+    permit: Option<Permit>,
+}
+
 async fn route(
     caller: IncomingTunnel<BoxIo>,
     info: ConnInfo,
     ctx: Ctx,
     remote: Option<SocketAddr>,
 ) {
+    let metrics = &ctx.state.metrics.tunnels;
+    let route = match open(caller.request(), &info, &ctx).await {
+        Ok(r) => r,
+        Err(r) => {
+            metrics.result(r.result);
+            debug!(reason = %r.reason, "tunnel refused");
+            let _ = caller.refuse(r.kind, &r.reason).await;
+            return;
+        }
+    };
+    let Ok(caller) = caller.accept().await else {
+        metrics.result("caller_gone");
+        return;
+    };
+    metrics.result("accepted");
+    let Route {
+        opened,
+        label,
+        identity,
+        permit,
+    } = route;
+    let service = caller.service();
+    info!(target: "audit", caller = %identity, peer = %label, service = %service, remote = ?remote, "tunnel opened");
+    let state = ctx.state.clone();
+    match opened {
+        Opened::Local { upstream, counters } => {
+            counters.tunnels.fetch_add(1, Ordering::Relaxed);
+            counters.tunnels_open.fetch_add(1, Ordering::Relaxed);
+            let reset = upstream.reset_handle();
+            let (tr, tw) = tokio::io::split(upstream);
+            let up = ResetOnFail { inner: tw, reset };
+            spawn_relay(caller, tr, up, state, label, Some(counters), permit);
+        }
+        Opened::Hop { upstream } => {
+            // Between hubs the bytes travel in frames too: the other hub's
+            // failure arrives as an abort with its reason.
+            let (tr, tw) = tokio::io::split(upstream.into_inner());
+            let (tr, tw) = (FrameReader::new(tr), FrameWriter::new(tw));
+            spawn_relay(caller, tr, tw, state, label, None, permit);
+        }
+    }
+}
+
+/// Identifies the caller, asks the policy and opens the far side's tunnel:
+/// on a peer of this hub, or over one hop to the hub holding it.
+async fn open(request: &TunnelRequest, info: &ConnInfo, ctx: &Ctx) -> Result<Route, Refusal> {
     let Ctx {
         state,
         access,
         cluster,
         timeout,
     } = ctx;
-    let metrics = &state.metrics.tunnels;
-    let service = caller.service().to_string();
-    let Some(target) = caller.request().metadata(PEER_KEY).map(str::to_string) else {
-        return refuse(
-            caller,
-            metrics,
+    let service = request.service();
+    let Some(target) = request.metadata(PEER_KEY) else {
+        return Err(Refusal::new(
             RefusalKind::Failed,
             "bad_request",
-            "the tunnel request names no peer (metadata 'peer')".into(),
-        )
-        .await;
+            "the tunnel request names no peer (metadata 'peer')",
+        ));
     };
     if state.is_draining() {
-        return refuse(
-            caller,
-            metrics,
-            RefusalKind::Unavailable,
-            "unavailable",
-            "the hub is shutting down".into(),
-        )
-        .await;
+        return Err(Refusal::unavailable("the hub is shutting down"));
     }
+    let what = format!("tunnel {service}");
     // A hop from another hub of the cluster: its caller was checked there;
     // it goes to this hub's own peers only (never further).
-    let hop_fields = hop_headers(caller.request());
-    let hop = match &cluster {
-        Some(c) => c.check_hop(Some(&info), &hop_fields),
+    let hop_fields = hop_headers(request);
+    let hop = match cluster {
+        Some(c) => c.check_hop(Some(info), &hop_fields),
         None => crate::hub::cluster::refuse_hop_without_cluster(&hop_fields).map(Err),
     };
     let trusted = hop.is_some();
-    let what = format!("tunnel {service}");
     let identity = match hop {
         Some(Ok(c)) => c,
-        Some(Err(status)) => {
-            return refuse(
-                caller,
-                metrics,
-                RefusalKind::Denied,
-                "denied",
-                status.message().to_string(),
-            )
-            .await
-        }
+        Some(Err(status)) => return Err(Refusal::denied(status.message())),
         None => {
             let mut headers = http::HeaderMap::new();
-            if let Some(v) = caller.request().metadata(AUTHORIZATION) {
-                match http::HeaderValue::from_str(v) {
-                    Ok(v) => {
-                        headers.insert(AUTHORIZATION, v);
-                    }
-                    Err(_) => {
-                        return refuse(
-                            caller,
-                            metrics,
-                            RefusalKind::Denied,
-                            "denied",
-                            "malformed authorization".into(),
-                        )
-                        .await
-                    }
-                }
+            if let Some(v) = request.metadata(AUTHORIZATION) {
+                let v = http::HeaderValue::from_str(v)
+                    .map_err(|_| Refusal::denied("malformed authorization"))?;
+                headers.insert(AUTHORIZATION, v);
             }
-            match access.identify(Some(&info), &headers) {
-                Ok(i) => i,
-                Err(d) => {
-                    audit::refused(&state.metrics, &d, None, &what, &target);
-                    return refuse(
-                        caller,
-                        metrics,
-                        RefusalKind::Denied,
-                        "denied",
-                        d.status.message().to_string(),
-                    )
-                    .await;
-                }
-            }
+            access.identify(Some(info), &headers).map_err(|d| {
+                audit::refused(&state.metrics, &d, None, &what, target);
+                Refusal::denied(d.status.message())
+            })?
         }
     };
     // A name this hub does not hold may be on another hub.
-    if let Some(cluster) = cluster.filter(|_| !trusted) {
-        if state.peer_named(&target).is_none() && target.trim().parse::<PeerId>().is_err() {
-            match cluster.locate(&target).await {
-                Ok(Some(entry)) => {
-                    let hop = Hop {
-                        cluster,
-                        entry,
-                        identity,
-                    };
-                    return route_hop(caller, hop, state, access, timeout, remote).await;
-                }
-                Ok(None) => {}
-                Err(status) => {
-                    return refuse(
-                        caller,
-                        metrics,
-                        RefusalKind::Unavailable,
-                        "unavailable",
-                        status.message().to_string(),
-                    )
-                    .await
-                }
+    if let Some(cluster) = cluster.as_ref().filter(|_| !trusted) {
+        if state.peer_named(target).is_none() && target.trim().parse::<PeerId>().is_err() {
+            if let Some(entry) = cluster
+                .locate(target)
+                .await
+                .map_err(|s| Refusal::unavailable(s.message()))?
+            {
+                return open_hop(cluster, entry, identity, service, ctx).await;
             }
         }
     }
-    let resolved = state.resolve_tunnel(&target, |peer| match (trusted, peer) {
+    let resolved = state.resolve_tunnel(target, |peer| match (trusted, peer) {
         (true, Some(_)) => Ok(None),
-        _ => access.authorize_tunnel(&identity, &target, peer, &service),
+        _ => access.authorize_tunnel(&identity, target, peer, service),
     });
     let (peer_id, label, counters, permit) = match resolved {
         Ok(r) => r,
         Err(Unroutable::Denied(d)) => {
-            audit::refused(&state.metrics, &d, Some(&identity), &what, &target);
-            return refuse(
-                caller,
-                metrics,
-                RefusalKind::Denied,
-                "denied",
-                d.status.message().to_string(),
-            )
-            .await;
+            audit::refused(&state.metrics, &d, Some(&identity), &what, target);
+            return Err(Refusal::denied(d.status.message()));
         }
-        Err(Unroutable::Status(s)) => {
-            return refuse(
-                caller,
-                metrics,
-                RefusalKind::Unavailable,
-                "unavailable",
-                s.message().to_string(),
-            )
-            .await
-        }
+        Err(Unroutable::Status(s)) => return Err(Refusal::unavailable(s.message())),
     };
-    let request = TunnelRequest::new(service.clone())
+    let request = TunnelRequest::new(service)
         .with_metadata(CALLER_KEY, identity.clone())
-        .with_timeout(timeout);
-    let upstream = match state.registry().open_tunnel(peer_id, request).await {
-        Ok(t) => t,
-        Err(e) => return refuse_upstream(caller, metrics, &label, e).await,
-    };
-    let Ok(caller) = caller.accept().await else {
-        metrics.result("caller_gone");
-        return;
-    };
-    metrics.result("accepted");
-    info!(target: "audit", caller = %identity, peer = %label, service = %service, remote = ?remote, "tunnel opened");
-    counters.tunnels.fetch_add(1, Ordering::Relaxed);
-    counters.tunnels_open.fetch_add(1, Ordering::Relaxed);
-    let reset = upstream.reset_handle();
-    let (tr, tw) = tokio::io::split(upstream);
-    let up = ResetOnFail { inner: tw, reset };
-    spawn_relay(caller, tr, up, state, label, Some(counters), permit);
+        .with_timeout(*timeout);
+    let upstream = state
+        .registry()
+        .open_tunnel(peer_id, request)
+        .await
+        .map_err(|e| Refusal::upstream(&label, e))?;
+    Ok(Route {
+        opened: Opened::Local { upstream, counters },
+        label,
+        identity,
+        permit,
+    })
 }
 
-/// A tunnel going to a peer of another hub.
-struct Hop {
-    cluster: Arc<Cluster>,
+/// Opens a tunnel over one hop to the hub holding its peer, after the
+/// policy allowed it here (the other hub trusts this one's check).
+async fn open_hop(
+    cluster: &Cluster,
     entry: Entry,
     identity: String,
-}
-
-/// Routes a tunnel over one hop to the hub holding its peer, after the
-/// policy allowed it here (the other hub trusts this one's check).
-async fn route_hop(
-    caller: IncomingTunnel<BoxIo>,
-    hop: Hop,
-    state: Arc<HubState>,
-    access: Arc<Access>,
-    timeout: Duration,
-    remote: Option<SocketAddr>,
-) {
-    let metrics = &state.metrics.tunnels;
-    let service = caller.service().to_string();
-    let Hop {
-        cluster,
-        entry,
-        identity,
-    } = hop;
-    let target = entry.name.clone();
+    service: &str,
+    ctx: &Ctx,
+) -> Result<Route, Refusal> {
+    let target = entry.name.as_str();
     let labels: std::collections::HashMap<String, String> = entry
         .labels
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let view = PeerView {
-        name: &entry.name,
+        name: target,
         labels: &labels,
     };
-    let permit = match access.authorize_tunnel(&identity, &target, Some(view), &service) {
-        Ok(p) => p,
-        Err(d) => {
+    let permit = ctx
+        .access
+        .authorize_tunnel(&identity, target, Some(view), service)
+        .map_err(|d| {
             let what = format!("tunnel {service}");
-            audit::refused(&state.metrics, &d, Some(&identity), &what, &target);
-            return refuse(
-                caller,
-                metrics,
-                RefusalKind::Denied,
-                "denied",
-                d.status.message().to_string(),
-            )
-            .await;
-        }
-    };
+            audit::refused(&ctx.state.metrics, &d, Some(&identity), &what, target);
+            Refusal::denied(d.status.message())
+        })?;
     let label = format!(
         "peer '{target}' (id {} on hub '{}')",
         entry.peer_id, entry.hub_id
     );
-    let request = TunnelRequest::new(service.clone())
-        .with_metadata(PEER_KEY, target.clone())
+    let request = TunnelRequest::new(service)
+        .with_metadata(PEER_KEY, target)
         .with_metadata(CALLER_HEADER, identity.clone())
-        .with_timeout(timeout);
-    let upstream = match cluster.open_tunnel_hop(&entry, request).await {
-        Ok(t) => t,
-        Err(e) => return refuse_upstream(caller, metrics, &label, e).await,
-    };
-    let Ok(caller) = caller.accept().await else {
-        metrics.result("caller_gone");
-        return;
-    };
-    metrics.result("accepted");
-    info!(target: "audit", caller = %identity, peer = %label, service = %service, remote = ?remote, "tunnel opened");
-    // Between hubs the bytes travel in frames too: the other hub's
-    // failure arrives as an abort with its reason.
-    let (tr, tw) = tokio::io::split(upstream.into_inner());
-    spawn_relay(
-        caller,
-        FrameReader::new(tr),
-        FrameWriter::new(tw),
-        state,
+        .with_timeout(ctx.timeout);
+    let upstream = cluster
+        .open_tunnel_hop(&entry, request)
+        .await
+        .map_err(|e| Refusal::upstream(&label, e))?;
+    Ok(Route {
+        opened: Opened::Hop { upstream },
         label,
-        None,
+        identity,
         permit,
-    );
-}
-
-/// Answers the caller with why the far side did not open its tunnel.
-async fn refuse_upstream(
-    caller: IncomingTunnel<BoxIo>,
-    metrics: &TunnelMetrics,
-    label: &str,
-    err: TunnelError,
-) {
-    match err {
-        TunnelError::Refused { kind, reason, .. } => {
-            refuse(
-                caller,
-                metrics,
-                kind,
-                "refused",
-                format!("{label}: {reason}"),
-            )
-            .await
-        }
-        e => {
-            refuse(
-                caller,
-                metrics,
-                RefusalKind::Unavailable,
-                "unavailable",
-                format!("{label}: {e}"),
-            )
-            .await
-        }
-    }
+    })
 }
 
 type FailFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
@@ -585,18 +546,6 @@ fn spawn_relay<TR, TW>(
         }
         .in_current_span(),
     );
-}
-
-async fn refuse(
-    caller: IncomingTunnel<BoxIo>,
-    metrics: &TunnelMetrics,
-    kind: RefusalKind,
-    result: &'static str,
-    reason: String,
-) {
-    metrics.result(result);
-    debug!(%reason, "tunnel refused");
-    let _ = caller.refuse(kind, &reason).await;
 }
 
 async fn pump_counted<R, W>(

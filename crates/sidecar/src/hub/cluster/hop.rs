@@ -164,6 +164,9 @@ impl HopAuth {
     }
 }
 
+/// How long connecting to another hub may take.
+const HOP_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// One lazily connected channel per hub address (over TLS when the
 /// cluster has a CA for its hubs).
 #[derive(Default)]
@@ -246,7 +249,7 @@ impl Channels {
         }
         let ep = Endpoint::from_shared(format!("http://{addr}"))
             .unwrap_or_else(|_| Endpoint::from_static("http://invalid.invalid:1"))
-            .connect_timeout(Duration::from_secs(1))
+            .connect_timeout(HOP_CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5))
@@ -254,15 +257,12 @@ impl Channels {
             .initial_connection_window_size(backchannel::H2_CONNECTION_WINDOW);
         let c = match &self.tls {
             None => ep.connect_lazy(),
-            Some(tls) => {
-                let (tls, addr) = (tls.clone(), addr.to_string());
+            Some(_) => {
+                let (dialer, addr) = (self.dialer(), addr.to_string());
                 ep.connect_with_connector_lazy(tower::service_fn(move |_| {
-                    let (tls, addr) = (tls.clone(), addr.clone());
+                    let (dialer, addr) = (dialer.clone(), addr.clone());
                     async move {
-                        let name = server_name(&addr)?;
-                        let tcp = tokio::net::TcpStream::connect(&addr).await?;
-                        let _ = tcp.set_nodelay(true);
-                        let io = tls.connect(name, tcp).await?;
+                        let io = dialer.dial(&addr, HOP_CONNECT_TIMEOUT).await?;
                         Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(io))
                     }
                 }))

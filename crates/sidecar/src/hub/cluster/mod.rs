@@ -551,19 +551,10 @@ impl Cluster {
                 state.metrics.call_finished(Some(status.code()));
                 Ok(respond(status, Fate::NotSent))
             };
-            if !self.dir.is_connected() {
-                return fail(Status::unavailable(format!(
-                    "peer '{target}' is not on this hub, and the cluster directory is unreachable, so other hubs cannot be asked"
-                )));
-            }
-            let entry = match self.dir.lookup(&target).await {
-                Ok(Some(e)) if e.hub_id != self.hub_id => e,
-                Ok(_) => return Ok(local(req).await),
-                Err(e) => {
-                    return fail(Status::unavailable(format!(
-                        "peer '{target}' is not on this hub, and looking it up failed: {e}"
-                    )))
-                }
+            let entry = match self.locate(&target).await {
+                Ok(Some(e)) => e,
+                Ok(None) => return Ok(local(req).await),
+                Err(status) => return fail(status),
             };
             let labels = to_map(&entry.labels);
             let view = PeerView {
