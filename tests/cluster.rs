@@ -28,7 +28,7 @@ use backchannel_sidecar::{
 };
 use backchannel_testkit::pattern::{check_stream, read_stream, write_stream};
 use futures::{Stream, StreamExt};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tonic::{
     metadata::MetadataValue, transport::Channel, Code, Request, Response, Status, Streaming,

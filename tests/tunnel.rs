@@ -15,7 +15,7 @@ use backchannel_sidecar::{
 };
 use backchannel_testkit::pattern::{check_stream, read_stream, write_stream};
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    io::{AsyncReadExt, AsyncWriteExt},
     net::TcpListener,
 };
 

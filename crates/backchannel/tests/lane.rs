@@ -8,7 +8,7 @@ use backchannel::{
     TunnelRequest, Tunnels,
 };
 use backchannel_testkit::{
-    pattern::{check_stream, read_stream, stream_slice, write_stream},
+    pattern::{read_stream, stream_slice, write_stream},
     pb::bench::{
         bench_client::BenchClient,
         bench_server::{Bench, BenchServer},
@@ -16,7 +16,7 @@ use backchannel_testkit::{
     },
 };
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    io::{AsyncReadExt, AsyncWriteExt},
     net::TcpListener,
 };
 use tonic::{service::Routes, Request, Response, Status, Streaming};
