@@ -471,11 +471,15 @@ async fn the_binary_with_listen_makes_one_tunnel_per_connection() {
     // and the reason is on stderr.
     let mut child = spawn("nope");
     let addr = listening_on(&mut child).await;
-    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    let mut buf = Vec::new();
-    let r = tokio::time::timeout(T, tcp.read_to_end(&mut buf))
-        .await
-        .expect("the local connection ends promptly");
+    // The refusal is quick: the reset may arrive before the connect
+    // completes on this side, so either step may be the one that sees it.
+    let r = tokio::time::timeout(T, async {
+        let mut tcp = tokio::net::TcpStream::connect(&addr).await?;
+        let mut buf = Vec::new();
+        tcp.read_to_end(&mut buf).await
+    })
+    .await
+    .expect("the local connection ends promptly");
     let e = r.expect_err("a refused tunnel must not end cleanly");
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
     child.start_kill().unwrap();
