@@ -641,6 +641,8 @@ fn bad_flags_exit_2_naming_the_flag_and_the_rule() {
         (&["hub", "--grace", "-5"], "--grace", "negative"),
         (&["hub", "--grace", "NaN"], "--grace", "NaN"),
         (&["hub", "--max-peers", "0"], "--max-peers", "at least 1"),
+        (&["hub", "--threads", "0"], "--threads", "1..=1024"),
+        (&["agent", "--threads", "x"], "--threads", "invalid digit"),
         (
             &["hub", "--listen", "notahostport"],
             "--listen",

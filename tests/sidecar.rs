@@ -855,7 +855,11 @@ async fn http_get(addr: &str, path: &str) -> String {
 #[tokio::test]
 async fn real_binary_hub_and_agent() {
     let private = private_service("private").await;
+    // One thread each (the single-threaded runtime): routing, metrics and
+    // the SIGTERM drain work there as with one thread per core.
     let (mut hub, hub_out) = spawn(&[
+        "--threads",
+        "1",
         "hub",
         "--listen",
         "127.0.0.1:0",
@@ -869,6 +873,8 @@ async fn real_binary_hub_and_agent() {
     let metrics = metrics.trim_end_matches("/metrics").to_string();
     let (mut agent, agent_out) = spawn(&[
         "agent",
+        "--threads",
+        "1",
         "--hub",
         &addr,
         "--name",

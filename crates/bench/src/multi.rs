@@ -7,7 +7,9 @@
 //! |---|---|
 //! | `direct` | caller -> service |
 //! | `nginx` | caller -> nginx `grpc_pass` (2 workers, upstream keepalive 64, h2c) -> service; skipped when `nginx` is not installed |
+//! | `nginx2` | caller -> nginx -> nginx -> service: two proxy processes in a row, as a routed call crosses (hub, agent); the floor a second process sets on this machine |
 //! | `hub` | caller -> `backchannel hub` -> `backchannel agent` -> service |
+//! | `hub-1t` | as `hub`, both with `--threads 1` |
 //!
 //! The service and the caller are this binary's hidden `multi-serve` and
 //! `multi-call` subcommands (testkit's `BenchService`, the in-process
@@ -34,7 +36,11 @@ use crate::{fmt_size, parse_size, report::Counters, workload};
 #[derive(Args, Debug, Clone)]
 pub struct MultiArgs {
     /// Paths to measure.
-    #[arg(long, value_delimiter = ',', default_value = "direct,nginx,hub")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "direct,nginx,nginx2,hub,hub-1t"
+    )]
     pub paths: Vec<String>,
     /// Echo payload size.
     #[arg(long, default_value = "1KiB", value_parser = parse_size)]
@@ -259,7 +265,14 @@ fn find_nginx() -> Option<PathBuf> {
 
 /// nginx as a gRPC reverse proxy to `upstream`, configured as the issue's
 /// reference: 2 workers, upstream keepalive 64, h2c.
-async fn start_nginx(bin: &Path, dir: &Path, upstream: &str) -> anyhow::Result<(Proc, String)> {
+async fn start_nginx(
+    bin: &Path,
+    dir: &Path,
+    upstream: &str,
+    name: &'static str,
+) -> anyhow::Result<(Proc, String)> {
+    let dir = &dir.join(name);
+    std::fs::create_dir_all(dir)?;
     let port = free_port()?;
     let d = dir.display();
     let conf = format!(
@@ -328,14 +341,47 @@ http {{
         pids = std::iter::once(master).chain(children(master)).collect();
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    Ok((
-        Proc {
-            name: "nginx",
-            child,
-            pids,
-        },
-        addr,
-    ))
+    Ok((Proc { name, child, pids }, addr))
+}
+
+/// `backchannel hub` and `backchannel agent` (exposing `svc_addr` as peer
+/// `bench`), each with `args` before its subcommand; returns them and the
+/// hub's address once the peer is routable.
+async fn start_hub(
+    dir: &Path,
+    svc_addr: &str,
+    tag: &str,
+    args: &[&str],
+) -> anyhow::Result<(Vec<Proc>, String)> {
+    let bin = crate::soak::hub_binary()?;
+    let (hub, hub_addr) = spawn_until(
+        "hub",
+        tokio::process::Command::new(&bin)
+            .args(args)
+            .args(["hub", "--listen", "127.0.0.1:0"]),
+        &dir.join(format!("hub{tag}.log")),
+        "hub listening on ",
+    )
+    .await?;
+    let err = std::fs::File::create(dir.join(format!("agent{tag}.log")))?;
+    let agent = tokio::process::Command::new(&bin)
+        .args(args)
+        .args(["agent", "--hub", &hub_addr, "--name", "bench", "--expose"])
+        .arg(svc_addr)
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(err))
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the agent")?;
+    let agent_pid = agent.id().unwrap_or(0);
+    wait_routable(&hub_addr, "bench").await?;
+    let agent = Proc {
+        name: "agent",
+        child: agent,
+        pids: vec![agent_pid],
+    };
+    Ok((vec![hub, agent], hub_addr))
 }
 
 /// One path: where the caller dials, with which header, through which
@@ -502,57 +548,48 @@ pub async fn run(a: &MultiArgs) -> anyhow::Result<()> {
                 peer: None,
                 procs: Vec::new(),
             }),
-            "nginx" => match find_nginx() {
+            "nginx" | "nginx2" => match find_nginx() {
                 None => eprintln!(
-                    "nginx: not installed, path skipped (apt-get install nginx-light, or set NGINX_BIN)"
+                    "{p}: nginx not installed, path skipped (apt-get install nginx-light, or set NGINX_BIN)"
                 ),
                 Some(bin) => {
-                    let (proc_, addr) = start_nginx(&bin, &dir, &svc_addr).await?;
-                    eprintln!("nginx: {} (pids {:?})", bin.display(), proc_.pids);
+                    let mut procs = Vec::new();
+                    let mut upstream = svc_addr.clone();
+                    let names: &[&'static str] = if p == "nginx" {
+                        &["nginx"]
+                    } else {
+                        &["nginx-2", "nginx-1"]
+                    };
+                    for name in names {
+                        let (proc_, addr) = start_nginx(&bin, &dir, &upstream, name).await?;
+                        eprintln!("{name}: {} (pids {:?})", bin.display(), proc_.pids);
+                        procs.push(proc_);
+                        upstream = addr;
+                    }
+                    procs.reverse();
                     setups.push(PathSetup {
-                        name: "nginx".into(),
-                        addr,
+                        name: p.clone(),
+                        addr: upstream,
                         peer: None,
-                        procs: vec![proc_],
+                        procs,
                     });
                 }
             },
-            "hub" => {
-                let bin = crate::soak::hub_binary()?;
-                let (hub, hub_addr) = spawn_until(
-                    "hub",
-                    tokio::process::Command::new(&bin).args(["hub", "--listen", "127.0.0.1:0"]),
-                    &dir.join("hub.log"),
-                    "hub listening on ",
-                )
-                .await?;
-                let err = std::fs::File::create(dir.join("agent.log"))?;
-                let agent = tokio::process::Command::new(&bin)
-                    .args(["agent", "--hub", &hub_addr, "--name", "bench", "--expose"])
-                    .arg(&svc_addr)
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::from(err))
-                    .stdin(Stdio::null())
-                    .kill_on_drop(true)
-                    .spawn()
-                    .context("starting the agent")?;
-                let agent_pid = agent.id().unwrap_or(0);
-                wait_routable(&hub_addr, "bench").await?;
+            "hub" | "hub-1t" => {
+                let (tag, args): (&str, &[&str]) = if p == "hub" {
+                    ("", &[])
+                } else {
+                    ("-1t", &["--threads", "1"])
+                };
+                let (procs, addr) = start_hub(&dir, &svc_addr, tag, args).await?;
                 setups.push(PathSetup {
-                    name: "hub".into(),
-                    addr: hub_addr,
+                    name: p.clone(),
+                    addr,
                     peer: Some("bench".into()),
-                    procs: vec![
-                        hub,
-                        Proc {
-                            name: "agent",
-                            child: agent,
-                            pids: vec![agent_pid],
-                        },
-                    ],
+                    procs,
                 });
             }
-            other => bail!("unknown path {other:?} (direct, nginx, hub)"),
+            other => bail!("unknown path {other:?} (direct, nginx, nginx2, hub, hub-1t)"),
         }
     }
     let mut results: Vec<(Job, String, Vec<Sample>)> = Vec::new();
@@ -624,7 +661,9 @@ fn print_results(a: &MultiArgs, results: &[(Job, String, Vec<Sample>)]) {
                 .collect(),
         );
         let mut names: Vec<&String> = samples[0].cpu.keys().collect();
-        let order = ["caller", "nginx", "hub", "agent", "service"];
+        let order = [
+            "caller", "nginx", "nginx-1", "nginx-2", "hub", "agent", "service",
+        ];
         names.sort_by_key(|n| order.iter().position(|o| o == n).unwrap_or(9));
         let cpu: Vec<(String, f64)> = names
             .iter()
@@ -717,10 +756,11 @@ fn chart(path: &Path, results: &[(Job, String, Vec<Sample>)]) -> anyhow::Result<
         let t = median(samples.iter().map(|s| tput(echo, s)).collect());
         let mut med = crate::report::Record::failed(job.workload, &job.case, p, 1, String::new());
         med.error = None;
-        med.path = if p == "hub" {
-            "hub+agent".into()
-        } else {
-            p.clone()
+        med.path = match p.as_str() {
+            "hub" => "hub+agent".into(),
+            "hub-1t" => "hub+agent, 1 thread".into(),
+            "nginx2" => "nginx x2".into(),
+            _ => p.clone(),
         };
         summaries.push(crate::report::Summary {
             med,
