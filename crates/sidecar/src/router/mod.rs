@@ -145,13 +145,8 @@ where
     // Extensions belong to the incoming connection (ConnInfo...), not to the
     // outgoing request.
     parts.extensions = http::Extensions::new();
-    let req = http::Request::from_parts(
-        parts,
-        Body::new(CountingBody {
-            inner: body,
-            observer: observer.clone(),
-        }),
-    );
+    let req =
+        http::Request::from_parts(parts, Body::new(CountingBody::new(body, observer.clone())));
     let call = upstream.oneshot(req);
     let result = match deadline {
         Some(at) => tokio::select! {
@@ -245,10 +240,50 @@ fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     s
 }
 
-/// The request body on its way to the target: counts DATA bytes.
+/// The request body on its way to the target: counts DATA bytes, and
+/// looks one frame ahead so that the end of the body travels with its last
+/// DATA frame.
+///
+/// gRPC clients end a request with an empty DATA frame carrying
+/// END_STREAM. Forwarded as such, the upstream connection writes it as a
+/// frame of its own after the payload, so a unary call costs the next hop
+/// (and every process behind it) one more read and wake-up. Having seen a
+/// DATA frame, the body polls once more: an empty DATA frame is dropped, the
+/// end of the body is then reported by [`is_end_stream`](http_body::Body::is_end_stream)
+/// (which hyper checks right after each DATA frame, setting END_STREAM on
+/// it), and anything else is kept for the next poll.
 struct CountingBody {
     inner: Body,
     observer: Arc<dyn CallObserver>,
+    /// A frame (or error) read ahead.
+    peeked: Option<Result<Frame<Bytes>, Status>>,
+    /// The inner body has ended (seen while reading ahead).
+    ended: bool,
+}
+
+impl CountingBody {
+    fn new(inner: Body, observer: Arc<dyn CallObserver>) -> Self {
+        CountingBody {
+            inner,
+            observer,
+            peeked: None,
+            ended: false,
+        }
+    }
+
+    /// Reads ahead after a DATA frame, without waiting.
+    fn peek(&mut self, cx: &mut Context<'_>) {
+        while self.peeked.is_none() && !self.ended {
+            match http_body::Body::poll_frame(Pin::new(&mut self.inner), cx) {
+                Poll::Ready(None) => self.ended = true,
+                Poll::Ready(Some(Ok(f))) if f.data_ref().is_some_and(|d| d.is_empty()) => {}
+                Poll::Ready(Some(r)) => self.peeked = Some(r),
+                // The waker is registered with the inner body: the caller is
+                // woken when the next frame comes.
+                Poll::Pending => return,
+            }
+        }
+    }
 }
 
 impl http_body::Body for CountingBody {
@@ -259,20 +294,39 @@ impl http_body::Body for CountingBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &r {
+        let this = &mut *self;
+        let r = match this.peeked.take() {
+            Some(r) => r,
+            None if this.ended => return Poll::Ready(None),
+            None => match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(r)) => r,
+                Poll::Ready(None) => {
+                    this.ended = true;
+                    return Poll::Ready(None);
+                }
+                Poll::Pending => return Poll::Pending,
+            },
+        };
+        if let Ok(frame) = &r {
             if let Some(d) = frame.data_ref() {
-                self.observer.bytes_to_target(d.len() as u64);
+                this.observer.bytes_to_target(d.len() as u64);
+                this.peek(cx);
             }
         }
-        r
+        Poll::Ready(Some(r))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.peeked.is_none() && (self.ended || self.inner.is_end_stream())
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
+        if self.peeked.is_some() {
+            return http_body::SizeHint::default();
+        }
+        if self.ended {
+            return http_body::SizeHint::with_exact(0);
+        }
         self.inner.size_hint()
     }
 }
@@ -457,6 +511,101 @@ mod tests {
         assert!(!tonic_timeout(h.headers()));
         let h = Status::deadline_exceeded("Timeout expired").into_http::<Body>();
         assert!(!tonic_timeout(h.headers()));
+    }
+
+    /// A request body from a script of poll answers (`None`: pending).
+    struct Script(std::collections::VecDeque<Option<Result<Frame<Bytes>, Status>>>);
+
+    impl http_body::Body for Script {
+        type Data = Bytes;
+        type Error = Status;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+            match self.0.pop_front() {
+                Some(Some(f)) => Poll::Ready(Some(f)),
+                Some(None) => {
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
+                }
+                None => Poll::Ready(None),
+            }
+        }
+    }
+
+    fn data(b: &'static [u8]) -> Option<Result<Frame<Bytes>, Status>> {
+        Some(Ok(Frame::data(Bytes::from_static(b))))
+    }
+
+    fn counting(script: Vec<Option<Result<Frame<Bytes>, Status>>>) -> CountingBody {
+        CountingBody::new(Body::new(Script(script.into())), Arc::new(NoObserver))
+    }
+
+    fn poll(b: &mut CountingBody) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let w = std::task::Waker::noop();
+        http_body::Body::poll_frame(Pin::new(b), &mut Context::from_waker(w))
+    }
+
+    fn data_of(p: Poll<Option<Result<Frame<Bytes>, Status>>>) -> Bytes {
+        match p {
+            Poll::Ready(Some(Ok(f))) => f.into_data().expect("a DATA frame"),
+            other => panic!("expected DATA, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_end_of_a_request_travels_with_its_last_data_frame() {
+        use http_body::Body as _;
+        // A unary request as gRPC clients send it: the message, then an
+        // empty DATA frame with END_STREAM.
+        let mut b = counting(vec![data(b"msg"), data(b"")]);
+        assert_eq!(data_of(poll(&mut b)), "msg");
+        assert!(b.is_end_stream(), "the end is known with the message");
+        assert!(matches!(poll(&mut b), Poll::Ready(None)));
+    }
+
+    #[test]
+    fn reading_ahead_keeps_every_frame_error_and_pause_in_order() {
+        use http_body::Body as _;
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x", HeaderValue::from_static("y"));
+        let mut b = counting(vec![
+            data(b"a"),
+            None,
+            data(b"b"),
+            data(b"c"),
+            data(b""),
+            data(b"d"),
+            Some(Ok(Frame::trailers(trailers))),
+        ]);
+        assert_eq!(data_of(poll(&mut b)), "a");
+        // The frame after "a" was not there yet: nothing is ended.
+        assert!(!b.is_end_stream());
+        assert_eq!(data_of(poll(&mut b)), "b");
+        assert!(
+            !b.is_end_stream(),
+            "'c' was read ahead and is still to come"
+        );
+        assert_eq!(data_of(poll(&mut b)), "c");
+        // The empty frame between "c" and "d" is dropped, "d" kept.
+        assert_eq!(data_of(poll(&mut b)), "d");
+        assert!(!b.is_end_stream(), "trailers are still to come");
+        match poll(&mut b) {
+            Poll::Ready(Some(Ok(f))) => assert_eq!(f.into_trailers().unwrap()["x"], "y"),
+            other => panic!("expected trailers, got {other:?}"),
+        }
+        assert!(matches!(poll(&mut b), Poll::Ready(None)));
+        assert!(b.is_end_stream());
+
+        // An error read ahead comes out after the frame before it.
+        let mut b = counting(vec![data(b"a"), Some(Err(Status::cancelled("gone")))]);
+        assert_eq!(data_of(poll(&mut b)), "a");
+        assert!(!b.is_end_stream());
+        match poll(&mut b) {
+            Poll::Ready(Some(Err(s))) => assert_eq!(s.message(), "gone"),
+            other => panic!("expected the error, got {other:?}"),
+        }
     }
 
     #[test]
