@@ -34,7 +34,7 @@ use listenmux::{ConnInfo, Connection};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tonic::transport::server::Connected;
 
-use crate::router::h2::H2Upstream;
+use crate::router::h2::{Corked, H2Upstream};
 
 /// HTTP/2 connections one caller connection may have to one peer: calls
 /// beyond [`CALLS_PER_CONNECTION`] in flight on each open a further one, so
@@ -181,9 +181,11 @@ pub struct CallerInfo {
     pub scope: Arc<CallerScope>,
 }
 
-/// A connection from the listener, carrying its [`CallerScope`].
+/// A connection from the listener, carrying its [`CallerScope`]. Its small
+/// writes are held until a flush that first lets the call's tasks run
+/// ([`Corked`]): a response's HEADERS, DATA and trailers go out together.
 pub struct CallerConn {
-    inner: Connection,
+    inner: Corked<Connection>,
     info: CallerInfo,
 }
 
@@ -200,7 +202,10 @@ impl CallerConn {
             info: conn.info().clone(),
             scope: Arc::new(CallerScope::new(isolation.clone())),
         };
-        CallerConn { inner: conn, info }
+        CallerConn {
+            inner: Corked::new(conn),
+            info,
+        }
     }
 }
 

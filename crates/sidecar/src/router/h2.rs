@@ -135,7 +135,7 @@ impl H2Upstream {
         let (tx, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .initial_stream_window_size(backchannel::H2_STREAM_WINDOW)
             .initial_connection_window_size(backchannel::H2_CONNECTION_WINDOW)
-            .handshake(TokioIo::new(Corked::new(io)))
+            .handshake(TokioIo::new(Corked::<Box<dyn Io>>::new(io)))
             .await?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
@@ -168,16 +168,16 @@ const CORK_KEEP: usize = 4 << 10;
 /// run first, and what they add goes out in the same write. A write of
 /// [`CORK_MAX`] bytes or more (bulk DATA) goes straight through, after what
 /// is held: no copy, and at most [`CORK_MAX`] held.
-struct Corked {
-    io: Box<dyn Io>,
+pub(crate) struct Corked<T = Box<dyn Io>> {
+    io: T,
     buf: Vec<u8>,
     /// Bytes of `buf` already written.
     sent: usize,
     yielded: bool,
 }
 
-impl Corked {
-    fn new(io: Box<dyn Io>) -> Self {
+impl<T: AsyncRead + AsyncWrite + Unpin> Corked<T> {
+    pub(crate) fn new(io: T) -> Self {
         Corked {
             io,
             buf: Vec::new(),
@@ -222,7 +222,7 @@ impl Corked {
     }
 }
 
-impl AsyncRead for Corked {
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Corked<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -232,7 +232,7 @@ impl AsyncRead for Corked {
     }
 }
 
-impl AsyncWrite for Corked {
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Corked<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -361,7 +361,7 @@ mod tests {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let (a, b) = tokio::join!(tokio::net::TcpStream::connect(addr), l.accept());
-        let mut w = Corked::new(Box::new(a.unwrap()));
+        let mut w = Corked::new(a.unwrap());
         let (mut r, _) = b.unwrap();
         let mut want = Vec::new();
         let mut n = 0u8;
