@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The multi-process benchmark: caller, proxy and service as separate
-# processes (direct, nginx grpc_pass, hub + agent). Installs nginx-light
+# processes (direct, nginx grpc_pass, two nginx in a row, hub + agent as
+# configured by default, with one thread each, and with the proxying
+# agent). Installs nginx-light
 # when the machine lacks it (the bench skips the nginx path without it),
 # builds the release binaries and runs `backchannel-bench multi` with the
-# arguments given (default: the issue's table, 3 rounds).
+# arguments given (default: every path and workload, 3 rounds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

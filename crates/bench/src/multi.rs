@@ -10,6 +10,7 @@
 //! | `nginx2` | caller -> nginx -> nginx -> service: two proxy processes in a row, as a routed call crosses (hub, agent); the floor a second process sets on this machine |
 //! | `hub` | caller -> `backchannel hub` -> `backchannel agent` -> service |
 //! | `hub-1t` | as `hub`, both with `--threads 1` |
+//! | `hub-proxy` | as `hub`, the agent with `--proxy-calls` (it terminates HTTP/2) |
 //!
 //! The service and the caller are this binary's hidden `multi-serve` and
 //! `multi-call` subcommands (testkit's `BenchService`, the in-process
@@ -39,7 +40,7 @@ pub struct MultiArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "direct,nginx,nginx2,hub,hub-1t"
+        default_value = "direct,nginx,nginx2,hub,hub-1t,hub-proxy"
     )]
     pub paths: Vec<String>,
     /// Echo payload size.
@@ -345,13 +346,15 @@ http {{
 }
 
 /// `backchannel hub` and `backchannel agent` (exposing `svc_addr` as peer
-/// `bench`), each with `args` before its subcommand; returns them and the
-/// hub's address once the peer is routable.
+/// `bench`), each with `args` before its subcommand, the agent also with
+/// `agent_args`; returns them and the hub's address once the peer is
+/// routable.
 async fn start_hub(
     dir: &Path,
     svc_addr: &str,
     tag: &str,
     args: &[&str],
+    agent_args: &[&str],
 ) -> anyhow::Result<(Vec<Proc>, String)> {
     let bin = crate::soak::hub_binary()?;
     let (hub, hub_addr) = spawn_until(
@@ -368,6 +371,7 @@ async fn start_hub(
         .args(args)
         .args(["agent", "--hub", &hub_addr, "--name", "bench", "--expose"])
         .arg(svc_addr)
+        .args(agent_args)
         .stdout(Stdio::null())
         .stderr(Stdio::from(err))
         .stdin(Stdio::null())
@@ -575,13 +579,13 @@ pub async fn run(a: &MultiArgs) -> anyhow::Result<()> {
                     });
                 }
             },
-            "hub" | "hub-1t" => {
-                let (tag, args): (&str, &[&str]) = if p == "hub" {
-                    ("", &[])
-                } else {
-                    ("-1t", &["--threads", "1"])
+            "hub" | "hub-1t" | "hub-proxy" => {
+                let (tag, args, agent_args): (&str, &[&str], &[&str]) = match p.as_str() {
+                    "hub" => ("", &[], &[]),
+                    "hub-1t" => ("-1t", &["--threads", "1"], &[]),
+                    _ => ("-proxy", &[], &["--proxy-calls"]),
                 };
-                let (procs, addr) = start_hub(&dir, &svc_addr, tag, args).await?;
+                let (procs, addr) = start_hub(&dir, &svc_addr, tag, args, agent_args).await?;
                 setups.push(PathSetup {
                     name: p.clone(),
                     addr,
@@ -589,7 +593,7 @@ pub async fn run(a: &MultiArgs) -> anyhow::Result<()> {
                     procs,
                 });
             }
-            other => bail!("unknown path {other:?} (direct, nginx, nginx2, hub, hub-1t)"),
+            other => bail!("unknown path {other:?} (direct, nginx, nginx2, hub, hub-1t, hub-proxy)"),
         }
     }
     let mut results: Vec<(Job, String, Vec<Sample>)> = Vec::new();
@@ -759,6 +763,7 @@ fn chart(path: &Path, results: &[(Job, String, Vec<Sample>)]) -> anyhow::Result<
         med.path = match p.as_str() {
             "hub" => "hub+agent".into(),
             "hub-1t" => "hub+agent, 1 thread".into(),
+            "hub-proxy" => "hub+agent --proxy-calls".into(),
             "nginx2" => "nginx x2".into(),
             _ => p.clone(),
         };
