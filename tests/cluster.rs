@@ -43,6 +43,10 @@ const TOKEN: &str = "cluster-test-token-0123456789";
 struct Redis {
     port: u16,
     child: Option<std::process::Child>,
+    /// Extra `redis-server` arguments (passwords, ACL users).
+    args: Vec<String>,
+    /// The `user:password@` a client needs (empty: none).
+    userinfo: String,
 }
 
 fn free_port() -> u16 {
@@ -55,9 +59,16 @@ fn free_port() -> u16 {
 
 impl Redis {
     async fn start() -> Redis {
+        Self::start_with(&[], "").await
+    }
+
+    /// With `args` for `redis-server`, reached as `userinfo` (`:pw@`).
+    async fn start_with(args: &[&str], userinfo: &str) -> Redis {
         let mut r = Redis {
             port: free_port(),
             child: None,
+            args: args.iter().map(|a| a.to_string()).collect(),
+            userinfo: userinfo.into(),
         };
         r.restart().await;
         r
@@ -80,12 +91,14 @@ impl Redis {
                 "--appendonly",
                 "no",
             ])
+            .args(&self.args)
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server (scripts/test.sh installs it)");
         self.child = Some(child);
         // Ready once it answers PING.
-        let client = redis::Client::open(self.url()).unwrap();
+        let url = format!("redis://{}127.0.0.1:{}", self.userinfo, self.port);
+        let client = redis::Client::open(url).unwrap();
         let deadline = Instant::now() + T;
         loop {
             if let Ok(mut c) = client.get_multiplexed_async_connection().await {
@@ -802,6 +815,173 @@ async fn same_name_on_two_hubs_one_wins() {
     for h in [a, b, c] {
         h.shutdown().await;
     }
+}
+
+/// A Redis that wants a password: hubs given it in a file form the cluster;
+/// a hub with a wrong one cannot route to the others' agents and says why,
+/// without echoing any password; bad password flags stop the hub at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_with_a_password() {
+    const PW: &str = "redis-pw-0123456789";
+    let redis = Redis::start_with(&["--requirepass", PW], &format!(":{PW}@")).await;
+    let tok = token_file();
+    let secret = |text: &str| {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), text).unwrap();
+        f
+    };
+    let good = secret(&format!("{PW}\n"));
+    let wrong = secret("not-the-password");
+    let start = |id: &'static str, pw: Option<&tempfile::NamedTempFile>| {
+        let mut c = cluster_cfg(&redis, id, &tok, "t-auth");
+        c.redis_password_file = pw.map(|f| f.path().to_path_buf());
+        Hub::start(HubConfig {
+            cluster: Some(c),
+            grace: Duration::from_secs(5),
+            ..Default::default()
+        })
+    };
+    let a = start("a", Some(&good)).await.unwrap();
+    let b = start("b", Some(&good)).await.unwrap();
+    let c = start("c", Some(&wrong)).await.unwrap();
+    let sa = private_service("svc-a").await;
+    let aa = agent(&[&a], "on-a", &sa.addr);
+    aa.wait_sessions(1, T).await.unwrap();
+
+    // Through b, with the password: routed to a's agent.
+    let chb = caller(&b.addr.unwrap().to_string()).await;
+    until_reachable(&chb, "on-a").await;
+    let r = EchoClient::new(chb.clone())
+        .unary(to("on-a", "via b"))
+        .await
+        .unwrap();
+    assert_eq!(r.get_ref().server, "svc-a");
+
+    // Through c, with a wrong password: refused, saying why.
+    let chc = caller(&c.addr.unwrap().to_string()).await;
+    let e = EchoClient::new(chc)
+        .unary(to("on-a", "via c"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    let m = e.message().to_string();
+    assert!(m.contains("cluster directory is unreachable"), "{m}");
+    assert!(!m.contains(PW) && !m.contains("not-the-password"), "{m}");
+
+    // The binary with a wrong password says why on stderr, once, without
+    // the password.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_backchannel"))
+        .args(["hub", "--listen", "127.0.0.1:0", "--cluster", &redis.url()])
+        .args(["--advertise", "127.0.0.1:0", "--hub-id", "w"])
+        .args(["--cluster-namespace", "t-auth"])
+        .arg("--cluster-token-file")
+        .arg(tok.path())
+        .arg("--cluster-password-file")
+        .arg(wrong.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let line = loop {
+        let line = rx
+            .recv_timeout(T)
+            .expect("the hub logs why Redis refuses it");
+        if line.contains("cannot subscribe to Redis") {
+            break line;
+        }
+    };
+    assert!(line.contains("authentication failed"), "{line}");
+    let _ = child.kill();
+    let _ = child.wait();
+    reader.join().unwrap();
+    let rest: Vec<String> = rx.try_iter().collect();
+    for l in std::iter::once(&line).chain(&rest) {
+        assert!(!l.contains("not-the-password") && !l.contains(PW), "{l}");
+    }
+
+    // Flags that cannot work stop the hub at start.
+    let empty = secret("  \n");
+    let e = start("d", Some(&empty)).await.err().unwrap().to_string();
+    assert!(e.contains("empty"), "{e}");
+    let mut both = cluster_cfg(&redis, "e", &tok, "t-auth");
+    both.redis = format!("redis://:{PW}@127.0.0.1:{}", redis.port);
+    both.redis_password_file = Some(good.path().to_path_buf());
+    let e = Hub::start(HubConfig {
+        cluster: Some(both),
+        ..Default::default()
+    })
+    .await
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("not both") && !e.contains(PW), "{e}");
+    let mut missing = cluster_cfg(&redis, "f", &tok, "t-auth");
+    missing.redis_password_file = Some("/nonexistent/redis-pw".into());
+    let e = Hub::start(HubConfig {
+        cluster: Some(missing),
+        ..Default::default()
+    })
+    .await
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        e.contains("--cluster-password-file /nonexistent/redis-pw"),
+        "{e}"
+    );
+
+    aa.stop().await;
+    for h in [a, b, c] {
+        h.shutdown().await;
+    }
+
+    // An ACL user (the default user off): found with its name and password.
+    let acl = Redis::start_with(
+        &[
+            "--user",
+            "default",
+            "off",
+            "--user",
+            "hubs",
+            "on",
+            &format!(">{PW}"),
+            "~*",
+            "&*",
+            "+@all",
+        ],
+        &format!("hubs:{PW}@"),
+    )
+    .await;
+    let dir = |user: Option<&str>| {
+        let mut rc = RedisConfig::new(acl.url());
+        rc.username = user.map(Into::into);
+        rc.password = Some(PW.into());
+        rc.namespace = "t-acl".into();
+        assert!(!format!("{rc:?}").contains(PW), "Debug hides the password");
+        RedisDirectory::start(rc).unwrap()
+    };
+    let as_hubs = dir(Some("hubs"));
+    let reg = || Registration::new("acl-peer", "h", "127.0.0.1:1", 1, "anonymous");
+    tokio::time::timeout(T, async {
+        while as_hubs.claim(reg()).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the ACL user claims a name");
+    let e = dir(None).claim(reg()).await.unwrap_err().to_string();
+    assert!(!e.contains(PW), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -74,16 +74,34 @@ return 1
 "#;
 
 /// How a [`RedisDirectory`] is set up.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct RedisConfig {
     /// `redis://HOST:PORT[/DB]`.
     pub url: String,
+    /// The ACL user to authenticate as (Redis 6+; `None`: `default`).
+    pub username: Option<String>,
+    /// The password to authenticate with (`AUTH`), if the server wants
+    /// one. Overrides one in `url`. Never printed by `Debug`.
+    pub password: Option<String>,
     /// Key prefix: hubs sharing it form one cluster.
     pub namespace: String,
     /// How long an entry lives unless refreshed.
     pub ttl: Duration,
     /// The longest any one Redis call may take.
     pub timeout: Duration,
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &store_label(&self.url))
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("namespace", &self.namespace)
+            .field("ttl", &self.ttl)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
 }
 
 impl RedisConfig {
@@ -96,6 +114,8 @@ impl RedisConfig {
     pub fn new(url: impl Into<String>) -> Self {
         RedisConfig {
             url: url.into(),
+            username: None,
+            password: None,
             namespace: "backchannel".into(),
             ttl: Duration::from_secs(15),
             timeout: Duration::from_secs(1),
@@ -201,8 +221,17 @@ impl RedisDirectory {
                 "the namespace must be non-empty, without spaces".into(),
             ));
         }
-        let client = redis::Client::open(cfg.url.as_str())
-            .map_err(|e| DirectoryError::Config(format!("'{store}': {e}")))?;
+        let bad = |e: redis::RedisError| DirectoryError::Config(format!("'{store}': {e}"));
+        let info =
+            redis::IntoConnectionInfo::into_connection_info(cfg.url.as_str()).map_err(bad)?;
+        let mut auth = info.redis_settings().clone();
+        if let Some(u) = &cfg.username {
+            auth = auth.set_username(u);
+        }
+        if let Some(p) = &cfg.password {
+            auth = auth.set_password(p);
+        }
+        let client = redis::Client::open(info.set_redis_settings(auth)).map_err(bad)?;
         let mc = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(cfg.timeout))
             .set_response_timeout(Some(cfg.timeout))
@@ -410,6 +439,15 @@ impl Directory for RedisDirectory {
 /// Follows the event feed for ever, reconnecting (0.2 s to 2 s apart).
 async fn follow(client: redis::Client, channel: String, shared: Arc<Shared>, timeout: Duration) {
     let mut delay = Duration::from_millis(200);
+    // Each new reason for not reaching Redis is logged once (a wrong
+    // password must not fail silently, nor flood the log while it lasts).
+    let mut last_failure: Option<String> = None;
+    let failed = |why: String, last: &mut Option<String>| {
+        if last.as_deref() != Some(why.as_str()) {
+            tracing::warn!(reason = %why, "cluster directory: cannot subscribe to Redis; retrying");
+            *last = Some(why);
+        }
+    };
     loop {
         let sub = async {
             let mut ps = client.get_async_pubsub().await?;
@@ -419,6 +457,7 @@ async fn follow(client: redis::Client, channel: String, shared: Arc<Shared>, tim
         match tokio::time::timeout(timeout, sub).await {
             Ok(Ok(ps)) => {
                 delay = Duration::from_millis(200);
+                last_failure = None;
                 shared.invalidate(None);
                 shared.connected.store(true, Ordering::SeqCst);
                 tracing::info!("cluster directory: event feed connected");
@@ -453,10 +492,10 @@ async fn follow(client: redis::Client, channel: String, shared: Arc<Shared>, tim
                 if shared.connected.swap(false, Ordering::SeqCst) {
                     let _ = shared.events.send(Event::Disconnected(e.to_string()));
                 }
-                tracing::debug!(error = %e, "cluster directory: cannot subscribe");
+                failed(e.to_string(), &mut last_failure);
             }
             Err(_) => {
-                tracing::debug!("cluster directory: subscribing timed out");
+                failed(format!("no answer within {timeout:?}"), &mut last_failure);
             }
         }
         tokio::time::sleep(delay).await;

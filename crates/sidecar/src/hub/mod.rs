@@ -613,6 +613,13 @@ pub struct HubArgs {
     /// other on hops (the same file on every hub).
     #[arg(long, value_name = "FILE", requires = "cluster")]
     pub cluster_token_file: Option<PathBuf>,
+    /// A file holding the password of the cluster's Redis (`AUTH`); keeps
+    /// it off the command line.
+    #[arg(long, value_name = "FILE", requires = "cluster")]
+    pub cluster_password_file: Option<PathBuf>,
+    /// The Redis ACL user to authenticate as (Redis 6+; default: `default`).
+    #[arg(long, value_name = "NAME", requires = "cluster")]
+    pub cluster_username: Option<String>,
     /// A client-certificate identity (URI or DNS SAN) of another hub whose
     /// hops are honoured without a token (repeatable).
     #[arg(
@@ -664,6 +671,8 @@ impl HubArgs {
                 c.ttl = self.cluster_ttl;
                 c.refresh = self.cluster_refresh;
                 c.token_file = self.cluster_token_file;
+                c.redis_password_file = self.cluster_password_file;
+                c.redis_username = self.cluster_username;
                 c.hub_identities = self.cluster_hub_identities;
                 c.namespace = self.cluster_namespace;
                 c.tls_ca = self.cluster_tls_ca;

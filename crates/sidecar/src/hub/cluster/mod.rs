@@ -63,6 +63,11 @@ pub struct ClusterConfig {
     pub refresh: Duration,
     /// Longest wait for any one Redis call.
     pub redis_timeout: Duration,
+    /// The Redis ACL user to authenticate as (`None`: `default`).
+    pub redis_username: Option<String>,
+    /// A file holding the Redis password (its content, surrounding
+    /// whitespace removed), read at start.
+    pub redis_password_file: Option<PathBuf>,
     /// A file holding the token hubs of the cluster present to each other.
     pub token_file: Option<PathBuf>,
     /// Client-certificate identities (URI or DNS SAN) of the other hubs:
@@ -86,8 +91,43 @@ impl std::fmt::Debug for ClusterConfig {
             .field("refresh", &self.refresh)
             .field("token_file", &self.token_file)
             .field("hub_identities", &self.hub_identities)
+            .field("redis_username", &self.redis_username)
+            .field("redis_password_file", &self.redis_password_file)
             .finish()
     }
+}
+
+/// The Redis password from `--cluster-password-file`, checked; warns when
+/// the URL carries one instead (other local users can read a command line).
+fn redis_password(cfg: &ClusterConfig) -> anyhow::Result<Option<String>> {
+    let in_url = cfg
+        .redis
+        .split_once("://")
+        .and_then(|(_, rest)| rest.rsplit_once('@'))
+        .is_some_and(|(userinfo, _)| userinfo.contains(':'));
+    let Some(path) = &cfg.redis_password_file else {
+        if in_url {
+            tracing::warn!(
+                "the Redis password in --cluster can be read by other local users (ps): use --cluster-password-file"
+            );
+        }
+        return Ok(None);
+    };
+    if in_url {
+        anyhow::bail!(
+            "give the Redis password in --cluster or in --cluster-password-file, not both"
+        );
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("--cluster-password-file {}: {e}", path.display()))?;
+    let password = text.trim();
+    if password.is_empty() {
+        anyhow::bail!(
+            "--cluster-password-file {}: the file is empty",
+            path.display()
+        );
+    }
+    Ok(Some(password.to_string()))
 }
 
 fn redact(url: &str) -> String {
@@ -115,6 +155,8 @@ impl ClusterConfig {
             ttl: Duration::from_secs(15),
             refresh: Duration::from_secs(5),
             redis_timeout: Duration::from_secs(1),
+            redis_username: None,
+            redis_password_file: None,
             token_file: None,
             hub_identities: Vec::new(),
             tls_ca: None,
@@ -181,6 +223,8 @@ impl Cluster {
         }
         let auth = hop::HopAuth::load(cfg.token_file.as_deref(), cfg.hub_identities.clone())?;
         let mut rc = backchannel_directory::RedisConfig::new(cfg.redis.clone());
+        rc.username = cfg.redis_username.clone();
+        rc.password = redis_password(cfg)?;
         rc.namespace = cfg.namespace.clone();
         rc.ttl = cfg.ttl;
         rc.timeout = cfg.redis_timeout;
