@@ -43,7 +43,8 @@ const TOKEN: &str = "cluster-test-token-0123456789";
 struct Redis {
     port: u16,
     child: Option<std::process::Child>,
-    /// Extra `redis-server` arguments (passwords, ACL users).
+    /// Extra `redis-server` arguments (passwords, ACL users, TLS; `{port}`
+    /// stands for the port).
     args: Vec<String>,
     /// The `user:password@` a client needs (empty: none).
     userinfo: String,
@@ -91,11 +92,27 @@ impl Redis {
                 "--appendonly",
                 "no",
             ])
-            .args(&self.args)
+            .args(
+                self.args
+                    .iter()
+                    .map(|a| a.replace("{port}", &self.port.to_string())),
+            )
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server (scripts/test.sh installs it)");
         self.child = Some(child);
+        if self.args.iter().any(|a| a == "--tls-port") {
+            // TLS only: ready once it accepts connections.
+            let deadline = Instant::now() + T;
+            while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .is_err()
+            {
+                assert!(Instant::now() < deadline, "redis-server did not start");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            return;
+        }
         // Ready once it answers PING.
         let url = format!("redis://{}127.0.0.1:{}", self.userinfo, self.port);
         let client = redis::Client::open(url).unwrap();
@@ -982,6 +999,79 @@ async fn redis_with_a_password() {
     .expect("the ACL user claims a name");
     let e = dir(None).claim(reg()).await.unwrap_err().to_string();
     assert!(!e.contains(PW), "{e}");
+}
+
+/// Redis over TLS, checking clients: hubs with the CA and a client
+/// certificate form the cluster; one without a client certificate cannot
+/// reach Redis; certificates with a plaintext URL stop the hub at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = backchannel_testkit::pki::Pki::new(dir.path());
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let redis = Redis::start_with(
+        &[
+            "--port",
+            "0",
+            "--tls-port",
+            "{port}",
+            "--tls-cert-file",
+            &path(&pki.server_cert),
+            "--tls-key-file",
+            &path(&pki.server_key),
+            "--tls-ca-cert-file",
+            &path(&pki.ca),
+            "--tls-auth-clients",
+            "yes",
+        ],
+        "",
+    )
+    .await;
+    let port = redis.port;
+    let tok = token_file();
+    let start = |id: &'static str, client_cert: bool, url: String| {
+        let mut c = cluster_cfg(&redis, id, &tok, "t-tls");
+        c.redis = url;
+        c.redis_tls_ca = Some(pki.ca.clone());
+        c.redis_tls_client = client_cert.then(|| (pki.client_cert.clone(), pki.client_key.clone()));
+        Hub::start(HubConfig {
+            cluster: Some(c),
+            grace: Duration::from_secs(5),
+            ..Default::default()
+        })
+    };
+    let tls_url = format!("rediss://localhost:{port}");
+    let a = start("a", true, tls_url.clone()).await.unwrap();
+    let b = start("b", true, tls_url.clone()).await.unwrap();
+    let c = start("c", false, tls_url.clone()).await.unwrap();
+    let sa = private_service("svc-a").await;
+    let aa = agent(&[&a], "on-a", &sa.addr);
+    aa.wait_sessions(1, T).await.unwrap();
+    let chb = caller(&b.addr.unwrap().to_string()).await;
+    until_reachable(&chb, "on-a").await;
+    let r = EchoClient::new(chb).unary(to("on-a", "tls")).await.unwrap();
+    assert_eq!(r.get_ref().server, "svc-a");
+    let chc = caller(&c.addr.unwrap().to_string()).await;
+    let e = EchoClient::new(chc)
+        .unary(to("on-a", "no cert"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(
+        e.message().contains("cluster directory is unreachable"),
+        "{e:?}"
+    );
+
+    let e = start("d", true, format!("redis://localhost:{port}"))
+        .await
+        .err()
+        .unwrap();
+    assert!(format!("{e:#}").contains("not rediss://"), "{e:#}");
+
+    aa.stop().await;
+    for h in [a, b, c] {
+        h.shutdown().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -642,6 +642,19 @@ fn bad_flags_exit_2_naming_the_flag_and_the_rule() {
         (&["hub", "--grace", "NaN"], "--grace", "NaN"),
         (&["hub", "--max-peers", "0"], "--max-peers", "at least 1"),
         (&["hub", "--threads", "0"], "--threads", "1..=1024"),
+        (
+            &[
+                "hub",
+                "--cluster",
+                "rediss://127.0.0.1:1",
+                "--advertise",
+                "127.0.0.1:1",
+                "--cluster-redis-cert",
+                "c.pem",
+            ],
+            "--cluster-redis-key",
+            "required",
+        ),
         (&["agent", "--threads", "x"], "--threads", "invalid digit"),
         (
             &["hub", "--listen", "notahostport"],

@@ -83,6 +83,13 @@ pub struct RedisConfig {
     /// The password to authenticate with (`AUTH`), if the server wants
     /// one. Overrides one in `url`. Never printed by `Debug`.
     pub password: Option<String>,
+    /// For a `rediss://` URL: the CA certificate(s) (PEM) to verify the
+    /// server with, instead of the system's trust store.
+    pub tls_ca_pem: Option<Vec<u8>>,
+    /// For a `rediss://` URL: this client's certificate and private key
+    /// (PEM), for servers that check clients (`tls-auth-clients`). The key
+    /// is never printed by `Debug`.
+    pub tls_client_pem: Option<(Vec<u8>, Vec<u8>)>,
     /// Key prefix: hubs sharing it form one cluster.
     pub namespace: String,
     /// How long an entry lives unless refreshed.
@@ -97,6 +104,11 @@ impl std::fmt::Debug for RedisConfig {
             .field("url", &store_label(&self.url))
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("tls_ca_pem", &self.tls_ca_pem.as_ref().map(Vec::len))
+            .field(
+                "tls_client_pem",
+                &self.tls_client_pem.as_ref().map(|_| "<redacted>"),
+            )
             .field("namespace", &self.namespace)
             .field("ttl", &self.ttl)
             .field("timeout", &self.timeout)
@@ -116,6 +128,8 @@ impl RedisConfig {
             url: url.into(),
             username: None,
             password: None,
+            tls_ca_pem: None,
+            tls_client_pem: None,
             namespace: "backchannel".into(),
             ttl: Duration::from_secs(15),
             timeout: Duration::from_secs(1),
@@ -231,7 +245,30 @@ impl RedisDirectory {
         if let Some(p) = &cfg.password {
             auth = auth.set_password(p);
         }
-        let client = redis::Client::open(info.set_redis_settings(auth)).map_err(bad)?;
+        let info = info.set_redis_settings(auth);
+        let tls = cfg.url.starts_with("rediss://");
+        if !tls && (cfg.tls_ca_pem.is_some() || cfg.tls_client_pem.is_some()) {
+            return Err(DirectoryError::Config(format!(
+                "'{store}': TLS certificates are given, but the URL is not rediss://"
+            )));
+        }
+        let client = if tls {
+            redis::Client::build_with_tls(
+                info,
+                redis::TlsCertificates {
+                    client_tls: cfg.tls_client_pem.as_ref().map(|(cert, key)| {
+                        redis::ClientTlsConfig {
+                            client_cert: cert.clone(),
+                            client_key: key.clone(),
+                        }
+                    }),
+                    root_cert: cfg.tls_ca_pem.clone(),
+                },
+            )
+        } else {
+            redis::Client::open(info)
+        }
+        .map_err(bad)?;
         let mc = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(cfg.timeout))
             .set_response_timeout(Some(cfg.timeout))

@@ -43,6 +43,9 @@ impl Pki {
         let ca_key = KeyPair::generate().expect("key");
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        // Subject names of their own (OpenSSL, as in redis-server, takes a
+        // leaf whose subject is its issuer's for a self-signed certificate).
+        ca_params.distinguished_name = dn("backchannel test CA");
         let ca_cert = ca_params.self_signed(&ca_key).expect("CA");
         let issuer = Issuer::new(ca_params, ca_key);
         let write = |name: &str, data: &str| {
@@ -70,6 +73,7 @@ impl Pki {
     pub fn leaf(&self, name: &str, sans: &[San]) -> (PathBuf, PathBuf) {
         let key = KeyPair::generate().expect("key");
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.distinguished_name = dn(name);
         params.subject_alt_names = sans
             .iter()
             .map(|s| match s {
@@ -84,6 +88,12 @@ impl Pki {
         std::fs::write(&k, key.serialize_pem()).expect("write key");
         (c, k)
     }
+}
+
+fn dn(common_name: &str) -> rcgen::DistinguishedName {
+    let mut dn = rcgen::DistinguishedName::new();
+    dn.push(rcgen::DnType::CommonName, common_name);
+    dn
 }
 
 /// A self-signed certificate for `localhost`: (server config with ALPN `h2`,

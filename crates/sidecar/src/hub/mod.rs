@@ -620,6 +620,17 @@ pub struct HubArgs {
     /// The Redis ACL user to authenticate as (Redis 6+; default: `default`).
     #[arg(long, value_name = "NAME", requires = "cluster")]
     pub cluster_username: Option<String>,
+    /// For a `rediss://` cluster URL: the CA certificate(s) (PEM) to verify
+    /// Redis with (default: the system's trust store).
+    #[arg(long, value_name = "FILE", requires = "cluster")]
+    pub cluster_redis_ca: Option<PathBuf>,
+    /// For a `rediss://` cluster URL: this hub's client certificate (PEM),
+    /// for a Redis that checks clients. Needs --cluster-redis-key.
+    #[arg(long, value_name = "FILE", requires_all = ["cluster", "cluster_redis_key"])]
+    pub cluster_redis_cert: Option<PathBuf>,
+    /// The private key (PEM) of --cluster-redis-cert.
+    #[arg(long, value_name = "FILE", requires = "cluster_redis_cert")]
+    pub cluster_redis_key: Option<PathBuf>,
     /// A client-certificate identity (URI or DNS SAN) of another hub whose
     /// hops are honoured without a token (repeatable).
     #[arg(
@@ -673,6 +684,8 @@ impl HubArgs {
                 c.token_file = self.cluster_token_file;
                 c.redis_password_file = self.cluster_password_file;
                 c.redis_username = self.cluster_username;
+                c.redis_tls_ca = self.cluster_redis_ca;
+                c.redis_tls_client = self.cluster_redis_cert.zip(self.cluster_redis_key);
                 c.hub_identities = self.cluster_hub_identities;
                 c.namespace = self.cluster_namespace;
                 c.tls_ca = self.cluster_tls_ca;

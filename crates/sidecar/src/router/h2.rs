@@ -159,9 +159,6 @@ impl H2Upstream {
 /// bytes first waits one turn of the scheduler.
 const CORK_MAX: usize = 16 << 10;
 
-/// What a held buffer may keep allocated while the connection is quiet.
-const CORK_KEEP: usize = 4 << 10;
-
 /// An HTTP/2 connection's byte stream that holds small writes until a
 /// flush, and answers the first flush of a small batch by yielding (waking
 /// itself): the tasks that feed the connection (hyper's request body pipe)
@@ -261,9 +258,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Corked<T> {
         }
         std::task::ready!(self.drain(cx))?;
         self.yielded = false;
-        if self.buf.capacity() > CORK_KEEP {
-            self.buf = Vec::new();
-        }
+        // A quiet connection keeps no buffer (a hub holds thousands).
+        self.buf = Vec::new();
         Pin::new(&mut self.io).poll_flush(cx)
     }
 
@@ -396,6 +392,7 @@ mod tests {
         assert!(w.buf.len() <= CORK_MAX);
         w.flush().await.unwrap();
         assert!(w.buf.is_empty());
+        assert_eq!(w.buf.capacity(), 0, "a quiet connection keeps no buffer");
         assert_eq!(reader.await.unwrap(), want);
 
         let mut small = Corked::new(Box::new(

@@ -68,6 +68,12 @@ pub struct ClusterConfig {
     /// A file holding the Redis password (its content, surrounding
     /// whitespace removed), read at start.
     pub redis_password_file: Option<PathBuf>,
+    /// For a `rediss://` URL: the CA (PEM) to verify Redis with (default:
+    /// the system's trust store).
+    pub redis_tls_ca: Option<PathBuf>,
+    /// For a `rediss://` URL: this hub's client certificate and key (PEM),
+    /// for a Redis that checks clients.
+    pub redis_tls_client: Option<(PathBuf, PathBuf)>,
     /// A file holding the token hubs of the cluster present to each other.
     pub token_file: Option<PathBuf>,
     /// Client-certificate identities (URI or DNS SAN) of the other hubs:
@@ -93,6 +99,8 @@ impl std::fmt::Debug for ClusterConfig {
             .field("hub_identities", &self.hub_identities)
             .field("redis_username", &self.redis_username)
             .field("redis_password_file", &self.redis_password_file)
+            .field("redis_tls_ca", &self.redis_tls_ca)
+            .field("redis_tls_client", &self.redis_tls_client)
             .finish()
     }
 }
@@ -118,6 +126,11 @@ fn redis_password(cfg: &ClusterConfig) -> anyhow::Result<Option<String>> {
             "give the Redis password in --cluster or in --cluster-password-file, not both"
         );
     }
+    if cfg.redis.starts_with("redis://") && !loopback_url(&cfg.redis) {
+        tracing::warn!(
+            "the Redis password travels in plaintext to a non-loopback Redis: use rediss:// (TLS)"
+        );
+    }
     let text = std::fs::read_to_string(path)
         .map_err(|e| anyhow::anyhow!("--cluster-password-file {}: {e}", path.display()))?;
     let password = text.trim();
@@ -128,6 +141,21 @@ fn redis_password(cfg: &ClusterConfig) -> anyhow::Result<Option<String>> {
         );
     }
     Ok(Some(password.to_string()))
+}
+
+/// Whether a `redis://` URL names a loopback host.
+fn loopback_url(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+    let hostport = rest.split('/').next().unwrap_or("");
+    let host = match hostport.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => hostport.rsplit_once(':').map_or(hostport, |(h, _)| h),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn redact(url: &str) -> String {
@@ -157,6 +185,8 @@ impl ClusterConfig {
             redis_timeout: Duration::from_secs(1),
             redis_username: None,
             redis_password_file: None,
+            redis_tls_ca: None,
+            redis_tls_client: None,
             token_file: None,
             hub_identities: Vec::new(),
             tls_ca: None,
@@ -225,6 +255,18 @@ impl Cluster {
         let mut rc = backchannel_directory::RedisConfig::new(cfg.redis.clone());
         rc.username = cfg.redis_username.clone();
         rc.password = redis_password(cfg)?;
+        let read = |flag: &str, p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| anyhow::anyhow!("{flag} {}: {e}", p.display()))
+        };
+        if let Some(ca) = &cfg.redis_tls_ca {
+            rc.tls_ca_pem = Some(read("--cluster-redis-ca", ca)?);
+        }
+        if let Some((cert, key)) = &cfg.redis_tls_client {
+            rc.tls_client_pem = Some((
+                read("--cluster-redis-cert", cert)?,
+                read("--cluster-redis-key", key)?,
+            ));
+        }
         rc.namespace = cfg.namespace.clone();
         rc.ttl = cfg.ttl;
         rc.timeout = cfg.redis_timeout;
@@ -747,5 +789,24 @@ mod tests {
         assert!(super::redis_url("redis://h:1/x").is_err());
         let e = super::redis_url("redis://u:secret@h").unwrap_err();
         assert!(!e.contains("secret"), "{e}");
+    }
+
+    #[test]
+    fn loopback_urls() {
+        for u in [
+            "redis://127.0.0.1:6379",
+            "redis://localhost:1/2",
+            "redis://:pw@127.0.0.2:1",
+            "redis://[::1]:6379",
+        ] {
+            assert!(super::loopback_url(u), "{u}");
+        }
+        for u in [
+            "redis://10.0.0.1:6379",
+            "redis://redis.internal:1",
+            "redis://[2001:db8::1]:1",
+        ] {
+            assert!(!super::loopback_url(u), "{u}");
+        }
     }
 }
