@@ -264,8 +264,8 @@ fn find_nginx() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// nginx as a gRPC reverse proxy to `upstream`, configured as the issue's
-/// reference: 2 workers, upstream keepalive 64, h2c.
+/// nginx as a gRPC reverse proxy to `upstream`, in the reference
+/// configuration: 2 workers, upstream keepalive 64, h2c.
 async fn start_nginx(
     bin: &Path,
     dir: &Path,

@@ -40,7 +40,7 @@ mod memory;
 mod redis_dir;
 
 pub use memory::MemoryDirectory;
-pub use redis_dir::{RedisConfig, RedisDirectory};
+pub use redis_dir::{store_label, url_has_password, RedisConfig, RedisDirectory};
 
 /// Who holds a name, as the directory records it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

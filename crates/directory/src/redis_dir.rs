@@ -81,7 +81,7 @@ pub struct RedisConfig {
     /// The ACL user to authenticate as (Redis 6+; `None`: `default`).
     pub username: Option<String>,
     /// The password to authenticate with (`AUTH`), if the server wants
-    /// one. Overrides one in `url`. Never printed by `Debug`.
+    /// one; not together with one in `url`. Never printed by `Debug`.
     pub password: Option<String>,
     /// For a `rediss://` URL: the CA certificate(s) (PEM) to verify the
     /// server with, instead of the system's trust store.
@@ -215,7 +215,11 @@ impl Drop for RedisDirectory {
 }
 
 /// `redis://host:port/db` without credentials, for messages.
-fn store_label(url: &str) -> String {
+///
+/// ```
+/// assert_eq!(backchannel_directory::store_label("redis://u:pw@h:1/2"), "redis://h:1/2");
+/// ```
+pub fn store_label(url: &str) -> String {
     match url.split_once("://") {
         Some((scheme, rest)) => {
             let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
@@ -223,6 +227,30 @@ fn store_label(url: &str) -> String {
         }
         None => url.to_string(),
     }
+}
+
+/// Whether a Redis URL carries a password (`redis://[user]:PASSWORD@...`).
+///
+/// ```
+/// assert!(backchannel_directory::url_has_password("redis://:pw@h:1"));
+/// assert!(!backchannel_directory::url_has_password("redis://h:1"));
+/// ```
+pub fn url_has_password(url: &str) -> bool {
+    redis::IntoConnectionInfo::into_connection_info(url)
+        .is_ok_and(|i| i.redis_settings().password().is_some())
+}
+
+/// Whether a Redis address is this machine's (loopback or a Unix socket).
+fn is_local(addr: &redis::ConnectionAddr) -> bool {
+    let host = match addr {
+        redis::ConnectionAddr::Tcp(host, _) | redis::ConnectionAddr::TcpTls { host, .. } => host,
+        _ => return true,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 impl RedisDirectory {
@@ -239,6 +267,17 @@ impl RedisDirectory {
         let info =
             redis::IntoConnectionInfo::into_connection_info(cfg.url.as_str()).map_err(bad)?;
         let mut auth = info.redis_settings().clone();
+        if cfg.password.is_some() && auth.password().is_some() {
+            return Err(DirectoryError::Config(format!(
+                "'{store}': a password in the URL and one given apart: give one, not both"
+            )));
+        }
+        let tls = cfg.url.starts_with("rediss://");
+        if (cfg.password.is_some() || auth.password().is_some()) && !tls && !is_local(info.addr()) {
+            tracing::warn!(
+                "the Redis password travels in plaintext to {store}: use rediss:// (TLS)"
+            );
+        }
         if let Some(u) = &cfg.username {
             auth = auth.set_username(u);
         }
@@ -246,7 +285,6 @@ impl RedisDirectory {
             auth = auth.set_password(p);
         }
         let info = info.set_redis_settings(auth);
-        let tls = cfg.url.starts_with("rediss://");
         if !tls && (cfg.tls_ca_pem.is_some() || cfg.tls_client_pem.is_some()) {
             return Err(DirectoryError::Config(format!(
                 "'{store}': TLS certificates are given, but the URL is not rediss://"
@@ -543,6 +581,31 @@ async fn follow(client: redis::Client, channel: String, shared: Arc<Shared>, tim
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn local_addresses() {
+        let addr = |u: &str| {
+            redis::IntoConnectionInfo::into_connection_info(u)
+                .unwrap()
+                .addr()
+                .clone()
+        };
+        for u in [
+            "redis://127.0.0.1:6379",
+            "redis://localhost:1/2",
+            "redis://:pw@127.0.0.2:1",
+            "redis://[::1]:6379",
+        ] {
+            assert!(is_local(&addr(u)), "{u}");
+        }
+        for u in [
+            "redis://10.0.0.1:6379",
+            "redis://redis.internal:1",
+            "redis://[2001:db8::1]:1",
+        ] {
+            assert!(!is_local(&addr(u)), "{u}");
+        }
+    }
 
     #[test]
     fn store_label_hides_credentials() {

@@ -165,7 +165,7 @@ const CORK_MAX: usize = 16 << 10;
 /// run first, and what they add goes out in the same write. A write of
 /// [`CORK_MAX`] bytes or more (bulk DATA) goes straight through, after what
 /// is held: no copy, and at most [`CORK_MAX`] held.
-pub(crate) struct Corked<T = Box<dyn Io>> {
+pub(crate) struct Corked<T> {
     io: T,
     buf: Vec<u8>,
     /// Bytes of `buf` already written.
@@ -395,9 +395,7 @@ mod tests {
         assert_eq!(w.buf.capacity(), 0, "a quiet connection keeps no buffer");
         assert_eq!(reader.await.unwrap(), want);
 
-        let mut small = Corked::new(Box::new(
-            tokio::net::TcpStream::connect(addr).await.unwrap(),
-        ));
+        let mut small = Corked::new(tokio::net::TcpStream::connect(addr).await.unwrap());
         small.write_all(b"x").await.unwrap();
         let mut first = true;
         std::future::poll_fn(|cx| {

@@ -513,16 +513,16 @@ mod tests {
         assert!(!tonic_timeout(h.headers()));
     }
 
+    /// What a body's `poll_frame` answers when ready.
+    type Polled = Option<Result<Frame<Bytes>, Status>>;
+
     /// A request body from a script of poll answers (`None`: pending).
-    struct Script(std::collections::VecDeque<Option<Result<Frame<Bytes>, Status>>>);
+    struct Script(std::collections::VecDeque<Polled>);
 
     impl http_body::Body for Script {
         type Data = Bytes;
         type Error = Status;
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Polled> {
             match self.0.pop_front() {
                 Some(Some(f)) => Poll::Ready(Some(f)),
                 Some(None) => {
@@ -534,20 +534,20 @@ mod tests {
         }
     }
 
-    fn data(b: &'static [u8]) -> Option<Result<Frame<Bytes>, Status>> {
+    fn data(b: &'static [u8]) -> Polled {
         Some(Ok(Frame::data(Bytes::from_static(b))))
     }
 
-    fn counting(script: Vec<Option<Result<Frame<Bytes>, Status>>>) -> CountingBody {
+    fn counting(script: Vec<Polled>) -> CountingBody {
         CountingBody::new(Body::new(Script(script.into())), Arc::new(NoObserver))
     }
 
-    fn poll(b: &mut CountingBody) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+    fn poll(b: &mut CountingBody) -> Poll<Polled> {
         let w = std::task::Waker::noop();
         http_body::Body::poll_frame(Pin::new(b), &mut Context::from_waker(w))
     }
 
-    fn data_of(p: Poll<Option<Result<Frame<Bytes>, Status>>>) -> Bytes {
+    fn data_of(p: Poll<Polled>) -> Bytes {
         match p {
             Poll::Ready(Some(Ok(f))) => f.into_data().expect("a DATA frame"),
             other => panic!("expected DATA, got {other:?}"),

@@ -89,7 +89,7 @@ pub struct ClusterConfig {
 impl std::fmt::Debug for ClusterConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClusterConfig")
-            .field("redis", &redact(&self.redis))
+            .field("redis", &backchannel_directory::store_label(&self.redis))
             .field("namespace", &self.namespace)
             .field("hub_id", &self.hub_id)
             .field("advertise", &self.advertise)
@@ -108,29 +108,14 @@ impl std::fmt::Debug for ClusterConfig {
 /// The Redis password from `--cluster-password-file`, checked; warns when
 /// the URL carries one instead (other local users can read a command line).
 fn redis_password(cfg: &ClusterConfig) -> anyhow::Result<Option<String>> {
-    let in_url = cfg
-        .redis
-        .split_once("://")
-        .and_then(|(_, rest)| rest.rsplit_once('@'))
-        .is_some_and(|(userinfo, _)| userinfo.contains(':'));
     let Some(path) = &cfg.redis_password_file else {
-        if in_url {
+        if backchannel_directory::url_has_password(&cfg.redis) {
             tracing::warn!(
                 "the Redis password in --cluster can be read by other local users (ps): use --cluster-password-file"
             );
         }
         return Ok(None);
     };
-    if in_url {
-        anyhow::bail!(
-            "give the Redis password in --cluster or in --cluster-password-file, not both"
-        );
-    }
-    if cfg.redis.starts_with("redis://") && !loopback_url(&cfg.redis) {
-        tracing::warn!(
-            "the Redis password travels in plaintext to a non-loopback Redis: use rediss:// (TLS)"
-        );
-    }
     let text = std::fs::read_to_string(path)
         .map_err(|e| anyhow::anyhow!("--cluster-password-file {}: {e}", path.display()))?;
     let password = text.trim();
@@ -141,28 +126,6 @@ fn redis_password(cfg: &ClusterConfig) -> anyhow::Result<Option<String>> {
         );
     }
     Ok(Some(password.to_string()))
-}
-
-/// Whether a `redis://` URL names a loopback host.
-fn loopback_url(url: &str) -> bool {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
-    let hostport = rest.split('/').next().unwrap_or("");
-    let host = match hostport.strip_prefix('[') {
-        Some(v6) => v6.split(']').next().unwrap_or(""),
-        None => hostport.rsplit_once(':').map_or(hostport, |(h, _)| h),
-    };
-    host.eq_ignore_ascii_case("localhost")
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
-
-fn redact(url: &str) -> String {
-    match url.split_once("://") {
-        Some((s, rest)) => format!("{s}://{}", rest.rsplit_once('@').map_or(rest, |(_, r)| r)),
-        None => url.to_string(),
-    }
 }
 
 impl ClusterConfig {
@@ -767,7 +730,10 @@ pub fn redis_url(s: &str) -> Result<String, String> {
     if ok {
         Ok(s.to_string())
     } else {
-        Err(format!("'{}' is not redis://HOST:PORT[/DB]", redact(s)))
+        Err(format!(
+            "'{}' is not redis://HOST:PORT[/DB]",
+            backchannel_directory::store_label(s)
+        ))
     }
 }
 
@@ -789,24 +755,5 @@ mod tests {
         assert!(super::redis_url("redis://h:1/x").is_err());
         let e = super::redis_url("redis://u:secret@h").unwrap_err();
         assert!(!e.contains("secret"), "{e}");
-    }
-
-    #[test]
-    fn loopback_urls() {
-        for u in [
-            "redis://127.0.0.1:6379",
-            "redis://localhost:1/2",
-            "redis://:pw@127.0.0.2:1",
-            "redis://[::1]:6379",
-        ] {
-            assert!(super::loopback_url(u), "{u}");
-        }
-        for u in [
-            "redis://10.0.0.1:6379",
-            "redis://redis.internal:1",
-            "redis://[2001:db8::1]:1",
-        ] {
-            assert!(!super::loopback_url(u), "{u}");
-        }
     }
 }
